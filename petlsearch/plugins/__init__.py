@@ -1,0 +1,25 @@
+"""Plugins: one per parameter-efficient method, found through the `petlsearch.plugins` entry points.
+
+Importing this package is cheap; the base classes (which need torch) load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.plugins.registry import create_plugin, get_plugin_class, list_plugins, load_all, register
+
+_BASE = {"Plugin", "Site", "PETLModule", "OutputDelta", "SequentialDelta", "ParallelDelta", "Scale",
+         "WeightDelta", "BatchShape", "SITE_KINDS"}
+
+__all__ = ["ChoiceDim", "Dim", "FloatDim", "IntDim", "create_plugin", "get_plugin_class", "list_plugins",
+           "load_all", "register", *sorted(_BASE)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE:
+        from petlsearch.plugins import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'petlsearch.plugins' has no attribute {name!r}")

@@ -1,0 +1,373 @@
+"""The plugin protocol, the site kinds, and the modules that plugins attach.
+
+A plugin is a method (LoRA, adapters, ...). It names the sites of a model graph it can act on,
+the hyperparameters it is sized by, the exact number of trainable parameters a placement costs
+(without building anything), and builds the module that a placement adds. Every attached module
+scales its contribution by a gate, 1 by default, that a differentiable search can drive.
+
+Example (a complete plugin: a learned per-feature offset on the output of every FFN projection)::
+
+    from petlsearch.plugins import OutputDelta, Plugin, IntDim
+    from petlsearch.searchspace.sites import node_sites
+
+    class Offset(OutputDelta):
+        def __init__(self, site, cfg):
+            super().__init__(site)
+            self.b = torch.nn.Parameter(torch.zeros(site.out_features))
+        def delta(self, x):
+            return self.b.expand(*x.shape[:-1], -1)
+
+    class OffsetPlugin(Plugin):
+        name, kinds = "offset", ("weight",)
+        def sites(self, graph): return node_sites(graph, "weight", roles=("ffn.up", "ffn.down"))
+        def dims(self, site): return {}
+        def count(self, site, cfg): return site.out_features
+        def build(self, site, cfg): return Offset(site, cfg)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from petlsearch.errors import PluginError
+from petlsearch.plugins.dims import Dim
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from petlsearch.searchspace.graph import ModelGraph
+
+SITE_KINDS = ("weight", "sequential", "parallel", "scale", "tokens", "kv_prefix", "query", "side", "head")
+BYTES_PER_TRAINABLE = 16  # fp32 parameter + gradient + Adam's two moments
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model a method can act on.
+
+    `name` is backbone-independent (`encoder.L3.attn.q`); `path` is the module it hooks into;
+    `source` is the module whose input feeds a parallel branch; `param` the parameter a weight
+    site changes; `extra` holds kind-specific facts (heads, head_dim, where) as sorted pairs.
+    """
+
+    name: str
+    kind: str
+    path: str
+    role: str
+    stack: str
+    layer: int | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+    source: str | None = None
+    param: str | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Unique within a model: the name and the kind (LoRA and an adapter may share a name)."""
+        return f"{self.name}:{self.kind}"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.extra).get(key, default)
+
+    def with_extra(self, **extra: Any) -> Site:
+        return replace(self, extra=tuple(sorted({**dict(self.extra), **extra}.items())))
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The batch a memory estimate is for: sequences of `seq` tokens (or patches), fp32 by default."""
+
+    batch: int = 32
+    seq: int = 64
+    dtype_bytes: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+def trainable_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class PETLModule(nn.Module):
+    """Base of every attached module: a gate, a host in the model, and install / uninstall.
+
+    Subclasses pick a mechanism below (OutputDelta, SequentialDelta, ParallelDelta, Scale,
+    WeightDelta) or override `install` for kinds that need more (tokens, prefixes, side networks).
+    """
+
+    def __init__(self, site: Site) -> None:
+        super().__init__()
+        self.site = site
+        self.gate: float | torch.Tensor = 1.0
+        self.plugin_name = ""
+        self._handles: list[Any] = []
+        self._hosts: list[nn.Module] = []  # a plain list, so the model is not registered as a child
+
+    # -------------------------------------------------------------- gate
+    @property
+    def gate_off(self) -> bool:
+        return isinstance(self.gate, float) and self.gate == 0.0
+
+    def gated(self, delta: torch.Tensor) -> torch.Tensor:
+        g = self.gate
+        if isinstance(g, float) and g == 1.0:
+            return delta
+        return delta * g
+
+    # -------------------------------------------------------------- life cycle
+    @property
+    def child_name(self) -> str:
+        return f"petl_{self.plugin_name or type(self).__name__.lower()}"
+
+    def install(self, model: nn.Module) -> None:
+        """Register this module under the target module and hook it into the forward pass."""
+        target = model.get_submodule(self.site.path)
+        if hasattr(target, self.child_name):
+            raise PluginError(f"site '{self.site.key}' already holds '{self.child_name}'")
+        target.add_module(self.child_name, self)
+        self._hosts.append(target)
+        self.hook(model, target)
+
+    def hook(self, model: nn.Module, target: nn.Module) -> None:
+        """Install forward hooks; called by `install` once the module is registered."""
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        """Remove every hook and the module itself: the model is exactly as before `install`."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for host in self._hosts:
+            if getattr(host, self.child_name, None) is self:
+                delattr(host, self.child_name)
+        self._hosts.clear()
+
+    def trainable_count(self) -> int:
+        """Trainable parameters this module adds (sparse modules count only unmasked entries)."""
+        return sum(p.numel() for p in trainable_params(self))
+
+    def merge(self) -> None:
+        """Fold the module into the frozen weights and uninstall it (mergeable plugins only)."""
+        raise PluginError(f"'{self.plugin_name}' modules cannot be merged into the weights")
+
+
+class OutputDelta(PETLModule):
+    """out = f(x) + gate * delta(x) on the target's own input x (LoRA-style)."""
+
+    def hook(self, model: nn.Module, target: nn.Module) -> None:
+        self._handles.append(target.register_forward_hook(self._on_output))
+
+    def _on_output(self, _mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_off:
+            return None
+        return out + self.gated(self.delta(args[0]))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SequentialDelta(PETLModule):
+    """h -> h + gate * delta(h) on the target's output (Houlsby-style, after a sublayer)."""
+
+    def hook(self, model: nn.Module, target: nn.Module) -> None:
+        self._handles.append(target.register_forward_hook(self._on_output))
+
+    def _on_output(self, _mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_off:
+            return None
+        return out + self.gated(self.delta(out))
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ParallelDelta(PETLModule):
+    """out = f(x) + gate * delta(x), where x is the input of `site.source` (the sublayer's input)
+    and f(x) the output of the target (the sublayer's last projection)."""
+
+    def hook(self, model: nn.Module, target: nn.Module) -> None:
+        if not self.site.source:
+            raise PluginError(f"parallel site '{self.site.key}' has no source module")
+        source = model.get_submodule(self.site.source)
+        self._handles.append(source.register_forward_pre_hook(self._on_input))
+        self._handles.append(target.register_forward_hook(self._on_output))
+        self._x: torch.Tensor | None = None
+
+    def _on_input(self, _mod: nn.Module, args: tuple) -> None:
+        self._x = args[0]
+
+    def _on_output(self, _mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        x, self._x = self._x, None
+        if self.gate_off or x is None:
+            return None
+        return out + self.gated(self.delta(x))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Scale(PETLModule):
+    """h -> h * l, on the target's output or (site extra where='input') its input; at gate g the
+    vector is 1 + g (l - 1), so gate 0 is the identity."""
+
+    def hook(self, model: nn.Module, target: nn.Module) -> None:
+        if self.site.get("where", "output") == "input":
+            self._handles.append(target.register_forward_pre_hook(self._on_input))
+        else:
+            self._handles.append(target.register_forward_hook(self._on_output))
+
+    def effective(self) -> torch.Tensor:
+        scale = self.scale()
+        g = self.gate
+        if isinstance(g, float) and g == 1.0:
+            return scale
+        return 1 + g * (scale - 1)
+
+    def _on_input(self, _mod: nn.Module, args: tuple) -> tuple | None:
+        if self.gate_off:
+            return None
+        return (args[0] * self.effective(), *args[1:])
+
+    def _on_output(self, _mod: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if self.gate_off:
+            return None
+        return out * self.effective()
+
+    def scale(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WeightDelta(PETLModule):
+    """W -> W + gate * delta_weight() on the parameter `site.param` of the target, through
+    `torch.nn.utils.parametrize`: one matmul with the effective weight, any layer type."""
+
+    def install(self, model: nn.Module) -> None:
+        from torch.nn.utils import parametrize
+
+        target = model.get_submodule(self.site.path)
+        name = self.site.param or "weight"
+        if getattr(target, name, None) is None:
+            raise PluginError(f"site '{self.site.key}': {type(target).__name__} has no parameter '{name}'")
+        parametrize.register_parametrization(target, name, _Parametrization(self), unsafe=True)
+        self._hosts.append(target)
+
+    def uninstall(self) -> None:
+        from torch.nn.utils import parametrize
+
+        name = self.site.param or "weight"
+        for target in self._hosts:
+            if not parametrize.is_parametrized(target, name):
+                continue
+            others = [p.owner for p in target.parametrizations[name] if p.owner is not self]
+            parametrize.remove_parametrizations(target, name, leave_parametrized=False)
+            for owner in others:  # torch removes all of a tensor's parametrizations at once
+                parametrize.register_parametrization(target, name, _Parametrization(owner), unsafe=True)
+        self._hosts.clear()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update, shaped like the parameter it changes."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        from torch.nn.utils import parametrize
+
+        name = self.site.param or "weight"
+        target = self._hosts[0]
+        with torch.no_grad():
+            delta = self.gated(self.delta_weight()).detach()
+        self.uninstall()
+        if parametrize.is_parametrized(target, name):
+            target.parametrizations[name].original.data += delta
+        else:
+            getattr(target, name).data += delta
+
+
+class _Parametrization(nn.Module):
+    """Adapts a WeightDelta to torch's parametrize API without registering it twice."""
+
+    def __init__(self, owner: WeightDelta) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.owner.gate_off:
+            return weight
+        return weight + self.owner.gated(self.owner.delta_weight())
+
+
+class Plugin:
+    """A parameter-efficient method: sites, dims, exact counts, and the module it builds.
+
+    Required: `name`, `kinds`, `sites`, `dims`, `count`, `build`. Optional hooks default to
+    doing nothing: `prepare` (data-driven plugins, called once before the first `attach`),
+    `activation_elements` (for the memory model), and `mergeable` modules implement `merge`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ()
+    mergeable: ClassVar[bool] = False
+    identity_at_init: ClassVar[bool] = True  # a fresh module leaves the model's outputs unchanged
+    needs_data: ClassVar[bool] = False  # True: call prepare(model, batches) before attach
+
+    def sites(self, graph: ModelGraph) -> list[Site]:
+        """Every site of `graph` this method can act on."""
+        raise NotImplementedError
+
+    def dims(self, site: Site) -> dict[str, Dim]:
+        """The searchable hyperparameters at `site`, by name."""
+        raise NotImplementedError
+
+    def count(self, site: Site, cfg: dict[str, Any]) -> int:
+        """The exact number of trainable parameters of a placement, computed without building it."""
+        raise NotImplementedError
+
+    def build(self, site: Site, cfg: dict[str, Any]) -> PETLModule:
+        """The module for a placement, not yet installed."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional hooks
+    def prepare(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Look at task data before attaching (Fisher scores, SNIP saliency, feature caches)."""
+
+    def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
+        """Elements this placement's own forward saves for backward (the memory model adds them)."""
+        return 0
+
+    # ------------------------------------------------------------------ provided
+    def memory(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
+        """Bytes of training memory this placement adds: its trainable state and its activations."""
+        return (BYTES_PER_TRAINABLE * self.count(site, cfg)
+                + shape.dtype_bytes * self.activation_elements(site, cfg, shape))
+
+    def config(self, site: Site, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`cfg` checked against `dims(site)`, with defaults filled in; unknown keys are errors."""
+        dims = self.dims(site)
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(dims)
+        if unknown:
+            raise PluginError(f"plugin '{self.name}': unknown option(s) {sorted(unknown)}; "
+                              f"valid: {sorted(dims)}")
+        return {k: d.validate(cfg[k]) if k in cfg else d.default for k, d in dims.items()}
+
+    def attach(self, model: nn.Module, site: Site, cfg: dict[str, Any] | None = None) -> PETLModule:
+        """Build the module for (site, cfg), install it in `model`, and return it."""
+        module = self.build(site, self.config(site, cfg))
+        module.plugin_name = self.name
+        reference = next(model.get_submodule(site.path).parameters(), None)
+        reference = reference if reference is not None else next(model.parameters(), None)
+        if reference is not None and reference.device.type != "meta":
+            module.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        module.install(model)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,64 @@
+"""(IA)^3: learned vectors that rescale keys, values and the FFN's inner activations (Liu et al., 2022).
+
+K -> l_k * K, V -> l_v * V, and the input of the FFN's down-projection -> l_ff * h; vectors start
+at one (identity). Follows peft's placement: on a fused qkv projection the whole output is scaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from petlsearch.plugins.base import Plugin, Scale, Site
+from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.sites import node_sites
+
+OUTPUT_ROLES = ("attn.k", "attn.v", "attn.qkv", "xattn.k", "xattn.v")
+INPUT_ROLES = ("ffn.down",)
+
+
+class IA3Module(Scale):
+    def __init__(self, site: Site) -> None:
+        super().__init__(site)
+        size = site.in_features if site.get("where") == "input" else site.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size))
+
+    def scale(self) -> torch.Tensor:
+        return self.ia3_l
+
+    def merge(self) -> None:
+        target = self._hosts[0]
+        with torch.no_grad():
+            l = self.effective().detach()
+        self.uninstall()
+        conv1d = type(target).__name__ == "Conv1D"  # weight stored (in, out)
+        with torch.no_grad():
+            if self.site.get("where") == "input":
+                target.weight *= l[:, None] if conv1d else l[None, :]
+            else:
+                target.weight *= l[None, :] if conv1d else l[:, None]
+                if target.bias is not None:
+                    target.bias *= l
+
+
+class IA3(Plugin):
+    name = "ia3"
+    description = "Learned rescaling of keys, values and FFN activations"
+    paper = "Liu et al., Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning, NeurIPS 2022"
+    kinds = ("scale",)
+    mergeable = True
+
+    def sites(self, graph: Any) -> list[Site]:
+        return (node_sites(graph, "scale", roles=OUTPUT_ROLES, where="output")
+                + node_sites(graph, "scale", roles=INPUT_ROLES, where="input"))
+
+    def dims(self, site: Site) -> dict[str, Dim]:
+        return {}
+
+    def count(self, site: Site, cfg: dict[str, Any]) -> int:
+        return site.in_features if site.get("where") == "input" else site.out_features
+
+    def build(self, site: Site, cfg: dict[str, Any]) -> IA3Module:
+        return IA3Module(site)

@@ -1,0 +1,107 @@
+"""Role rules: a backbone-independent name for what each module does.
+
+`encoder.L3.attn.q` must name the same place in BERT and RoBERTa, so roles come from rules on the
+module's path inside its block and on its type, not from model-specific code. The rules below cover
+BERT/RoBERTa/MiniLM, GPT-2, T5, Llama, ViT, CLIP and CNNs (EfficientNet); an unknown transformer
+falls through to the same name patterns, which is the structural fallback.
+"""
+
+from __future__ import annotations
+
+import re
+
+ROLES = (
+    "embed", "attn", "attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",
+    "xattn", "xattn.q", "xattn.k", "xattn.v", "xattn.o",
+    "ffn", "ffn.up", "ffn.gate", "ffn.down", "norm", "block", "head", "pool", "conv",
+)
+
+# Leaf names of projections, first match wins. Keys are role suffixes under an attention container.
+_ATTN_LEAVES = {
+    "q": {"q", "query", "q_proj", "q_lin", "to_q", "wq"},
+    "k": {"k", "key", "k_proj", "k_lin", "to_k", "wk"},
+    "v": {"v", "value", "v_proj", "v_lin", "to_v", "wv"},
+    "qkv": {"c_attn", "qkv", "query_key_value", "wqkv", "in_proj", "qkv_proj"},
+    "o": {"o", "o_proj", "out_proj", "c_proj", "dense", "out_lin", "proj", "to_out", "wo"},
+}
+_FFN_LEAVES = {
+    "gate": {"gate_proj", "wi_0", "w1", "gate"},
+    "up": {"fc1", "c_fc", "up_proj", "wi", "wi_1", "lin1", "dense_h_to_4h", "fc_in", "w3", "up"},
+    "down": {"fc2", "c_proj", "down_proj", "wo", "lin2", "dense_4h_to_h", "fc_out", "w2", "down"},
+}
+_HEAD_NAMES = {"classifier", "lm_head", "score", "qa_outputs", "_fc", "fc", "head", "heads", "cls"}
+_CROSS = re.compile(r"cross|encdec|enc_dec|encoder_attn", re.IGNORECASE)
+_ATTN = re.compile(r"att", re.IGNORECASE)
+
+LINEAR_TYPES = {"Linear", "Conv1D", "NonDynamicallyQuantizableLinear"}
+CONV_TYPES = {"Conv2d", "Conv1d", "Conv3d", "Conv2dStaticSamePadding", "Conv2dDynamicSamePadding"}
+
+
+def family_of(model: object) -> str:
+    """The model family from its config's model_type, else its class name, lower case."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str) and model_type:
+        return model_type
+    return type(model).__name__.lower()
+
+
+def stack_of(list_path: str, family: str) -> str:
+    """Which sequence stack a block list belongs to: encoder, decoder, vision or text."""
+    low = list_path.lower()
+    if "vision" in low or "visual" in low:
+        return "vision"
+    if "text" in low:
+        return "text"
+    if "decoder" in low:
+        return "decoder"
+    if family in {"vit", "deit", "beit", "swin", "dinov2"} or "efficientnet" in family or "resnet" in family:
+        return "vision"
+    if family in {"gpt2", "llama", "mistral", "gpt_neox", "opt", "gptj", "qwen2", "phi", "falcon", "gemma"}:
+        return "decoder"
+    return "encoder"
+
+
+def block_role(rel_path: str, type_name: str) -> str | None:
+    """The role of a module at `rel_path` inside a block (e.g. 'attention.self.query'), or None."""
+    parts = rel_path.split(".")
+    leaf = parts[-1].lower()
+    containers = parts[:-1]
+    if type_name in LINEAR_TYPES:
+        attn = next((p for p in containers if _ATTN.search(p)), None)
+        if attn is not None:
+            prefix = "xattn" if _CROSS.search(attn) else "attn"
+            for suffix, leaves in _ATTN_LEAVES.items():
+                if leaf in leaves:
+                    return f"{prefix}.{suffix}"
+            return None
+        if rel_path.endswith("intermediate.dense"):
+            return "ffn.up"
+        if rel_path.endswith("output.dense"):
+            return "ffn.down"
+        for suffix, leaves in _FFN_LEAVES.items():
+            if leaf in leaves:
+                return f"ffn.{suffix}"
+        return None
+    if type_name in CONV_TYPES:
+        return "conv"
+    if "Norm" in type_name:
+        return "norm"
+    return None
+
+
+def outer_role(path: str, type_name: str) -> str | None:
+    """The role of a module outside the repeated blocks (embeddings, head, pooler, stem convs)."""
+    leaf = path.split(".")[-1]
+    first = path.split(".")[0]
+    if "Embedding" in type_name and "Rotary" not in type_name:
+        return "embed"
+    if type_name in LINEAR_TYPES and (leaf in _HEAD_NAMES or first in _HEAD_NAMES):
+        return "head"
+    if type_name in LINEAR_TYPES and "pooler" in path:
+        return "pool"
+    if type_name in CONV_TYPES:
+        return "conv"
+    if "Norm" in type_name:
+        return "norm"
+    return None
