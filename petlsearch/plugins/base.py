@@ -366,6 +366,7 @@ class Plugin:
         reference = reference if reference is not None else next(model.parameters(), None)
         if reference is not None and reference.device.type != "meta":
             module.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        module.train(model.training)
         module.install(model)
         return module
 

@@ -1,0 +1,306 @@
+"""check_plugin: the conformance kit every plugin passes, built-in or third-party.
+
+Each property is a separate `check_<property>(plugin, family)` with a one-line docstring; a
+failure says which plugin, family and site, and what to change. Known failures are declared as
+`{check_name: reason}` and skipped. Run it from a test::
+
+    from petlsearch.plugins.testing import check_plugin
+    def test_my_plugin():
+        check_plugin(MyPlugin())
+
+or subclass `PluginConformance` and provide a `plugin` fixture.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins.base import PETLModule, Plugin, Site
+from petlsearch.plugins.registry import validate
+from petlsearch.searchspace.graph import ModelGraph
+
+FAMILIES = tuple(tiny.FAMILIES)
+MAX_SITES = 4  # sites checked per family: first, last and two in between, to stay fast
+
+
+class ConformanceError(AssertionError):
+    pass
+
+
+def _fail(plugin: Plugin, check: str, family: str, msg: str) -> None:
+    raise ConformanceError(f"[{plugin.name}] {check} on {family}: {msg}")
+
+
+def _spread(sites: list[Site], n: int = MAX_SITES) -> list[Site]:
+    if len(sites) <= n:
+        return sites
+    step = (len(sites) - 1) / (n - 1)
+    return [sites[round(i * step)] for i in range(n)]
+
+
+def _setup(plugin: Plugin, family: str) -> tuple[torch.nn.Module, ModelGraph, dict, list[Site]]:
+    model = tiny.FAMILIES[family]()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    graph = ModelGraph.from_model(model)
+    inputs = tiny.inputs(family)
+    if plugin.needs_data:
+        plugin.prepare(model, [inputs])
+    return model, graph, inputs, _spread(plugin.sites(graph))
+
+
+def _run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return tiny.output_tensor(model(**inputs)).float()
+
+
+def _perturb(module: PETLModule, seed: int = 0) -> None:
+    """Move every trainable tensor away from its initialisation, so that the module has an effect."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad and p.is_floating_point():
+                p.add_(0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _sample_cfg(plugin: Plugin, site: Site, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    return plugin.config(site, {k: d.sample(rng) for k, d in plugin.dims(site).items()})
+
+
+def _attach_all(plugin: Plugin, model: torch.nn.Module, sites: list[Site], seed: int = 0) -> list[tuple[Site, dict, PETLModule]]:
+    out = []
+    for i, site in enumerate(sites):
+        cfg = _sample_cfg(plugin, site, seed + i)
+        out.append((site, cfg, plugin.attach(model, site, cfg)))
+    return out
+
+
+def check_registration(plugin: Plugin, family: str) -> None:
+    """The class has a valid name, kinds, and the required methods with the right signatures."""
+    validate(type(plugin))
+
+
+def check_sites(plugin: Plugin, family: str) -> None:
+    """Sites are of the plugin's kinds and have unique keys."""
+    _, graph, _, _ = _setup(plugin, family)
+    sites = plugin.sites(graph)
+    keys = [s.key for s in sites]
+    if len(keys) != len(set(keys)):
+        _fail(plugin, "check_sites", family, "two sites share a key; make site names unique")
+    bad = [s.key for s in sites if s.kind not in plugin.kinds]
+    if bad:
+        _fail(plugin, "check_sites", family, f"sites {bad[:3]} are of a kind not in {plugin.kinds}")
+
+
+def check_count_exact(plugin: Plugin, family: str) -> None:
+    """count(site, cfg) equals the trainable parameters the built module adds, for sampled configs."""
+    model, _, _, sites = _setup(plugin, family)
+    before = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attached = _attach_all(plugin, model, sites, seed=3)
+    for site, cfg, module in attached:
+        expected = plugin.count(site, cfg)
+        if module.trainable_count() != expected:
+            _fail(plugin, "check_count_exact", family,
+                  f"site {site.key} cfg {cfg}: count() = {expected} but the module has {module.trainable_count()}")
+    dense = all(m.trainable_count() == sum(p.numel() for p in m.parameters() if p.requires_grad)
+                for _, _, m in attached)
+    added = sum(p.numel() for p in model.parameters() if p.requires_grad) - before
+    counted = sum(plugin.count(site, cfg) for site, cfg, _ in attached)
+    if dense and added != counted:  # sparse modules count unmasked entries only
+        _fail(plugin, "check_count_exact", family, f"model gained {added} trainable parameters, count() says {counted}")
+
+
+def _modules(model: torch.nn.Module) -> list[PETLModule]:
+    return [m for m in model.modules() if isinstance(m, PETLModule)]
+
+
+def check_identity_at_init(plugin: Plugin, family: str) -> None:
+    """A freshly attached module leaves the outputs unchanged (where the method defines it)."""
+    if not plugin.identity_at_init:
+        return
+    model, _, inputs, sites = _setup(plugin, family)
+    base = _run(model, inputs)
+    _attach_all(plugin, model, sites)
+    out = _run(model, inputs)
+    if not torch.allclose(out, base, atol=1e-5, rtol=1e-4):
+        _fail(plugin, "check_identity_at_init", family,
+              f"outputs moved by {(out - base).abs().max():.2e} at init; initialise the update to zero")
+
+
+def check_gate_zero(plugin: Plugin, family: str) -> None:
+    """With every gate at 0 the model gives its original outputs; at 1 (after training) it does not."""
+    model, _, inputs, sites = _setup(plugin, family)
+    base = _run(model, inputs)
+    attached = _attach_all(plugin, model, sites)
+    for _, _, m in attached:
+        _perturb(m)
+    moved = _run(model, inputs)
+    for _, _, m in attached:
+        m.gate = 0.0
+    off = _run(model, inputs)
+    if not torch.allclose(off, base, atol=1e-5, rtol=1e-4):
+        _fail(plugin, "check_gate_zero", family, f"gate 0 still changes outputs by {(off - base).abs().max():.2e}")
+    for _, _, m in attached:
+        m.gate = torch.tensor(0.0)
+    off_t = _run(model, inputs)
+    if not torch.allclose(off_t, base, atol=1e-5, rtol=1e-4):
+        _fail(plugin, "check_gate_zero", family, "a tensor gate of 0 still changes outputs")
+    if torch.allclose(moved, base, atol=1e-6):
+        _fail(plugin, "check_gate_zero", family, "perturbed modules have no effect at gate 1")
+
+
+def check_detach(plugin: Plugin, family: str) -> None:
+    """uninstall() restores the model exactly: same parameter names, same outputs, no hooks left."""
+    model, _, inputs, sites = _setup(plugin, family)
+    names = [n for n, _ in model.named_parameters()]
+    base = _run(model, inputs)
+    attached = _attach_all(plugin, model, sites)
+    for _, _, m in attached:
+        _perturb(m)
+    for _, _, m in reversed(attached):
+        m.uninstall()
+    if [n for n, _ in model.named_parameters()] != names:
+        _fail(plugin, "check_detach", family, "parameter names differ after uninstall")
+    if _modules(model):
+        _fail(plugin, "check_detach", family, "PETL modules remain registered after uninstall")
+    if not torch.equal(_run(model, inputs), base):
+        _fail(plugin, "check_detach", family, "outputs differ after uninstall")
+
+
+def check_state_roundtrip(plugin: Plugin, family: str) -> None:
+    """Module state saved in safetensors and loaded into a fresh placement reproduces the outputs."""
+    from safetensors.torch import load_file, save_file
+
+    model, _, inputs, sites = _setup(plugin, family)
+    fresh = copy.deepcopy(model)
+    attached = _attach_all(plugin, model, sites)
+    for i, (_, _, m) in enumerate(attached):
+        _perturb(m, seed=i)
+    expected = _run(model, inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.safetensors"
+        state = {f"{i}.{k}": v.detach().contiguous() for i, (_, _, m) in enumerate(attached)
+                 for k, v in m.state_dict().items()}
+        save_file(state, str(path))
+        loaded = load_file(str(path))
+    for i, (site, cfg, _) in enumerate(attached):
+        m = plugin.attach(fresh, site, cfg)
+        m.load_state_dict({k[len(f"{i}."):]: v for k, v in loaded.items() if k.startswith(f"{i}.")})
+    got = _run(fresh, inputs)
+    if not torch.allclose(got, expected, atol=1e-6):
+        _fail(plugin, "check_state_roundtrip", family, f"outputs differ by {(got - expected).abs().max():.2e}")
+
+
+def check_merge(plugin: Plugin, family: str) -> None:
+    """merge() folds the modules into the weights with the same outputs (mergeable plugins)."""
+    if not plugin.mergeable:
+        return
+    model, _, inputs, sites = _setup(plugin, family)
+    attached = _attach_all(plugin, model, sites)
+    for _, _, m in attached:
+        _perturb(m)
+    expected = _run(model, inputs)
+    for _, _, m in attached:
+        m.merge()
+    if _modules(model):
+        _fail(plugin, "check_merge", family, "modules remain after merge()")
+    got = _run(model, inputs)
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        _fail(plugin, "check_merge", family, f"merged outputs differ by {(got - expected).abs().max():.2e}")
+
+
+def check_meta_count(plugin: Plugin, family: str) -> None:
+    """Sites and counts work on a model built on the meta device (no memory, no build)."""
+    with torch.device("meta"):
+        model = tiny.FAMILIES[family]()
+    graph = ModelGraph.from_model(model)
+    for site in plugin.sites(graph):
+        n = plugin.count(site, plugin.config(site))
+        if not isinstance(n, int) or n < 0:
+            _fail(plugin, "check_meta_count", family, f"count() returned {n!r} at {site.key}; return an int >= 0")
+
+
+CHECKS: dict[str, Callable[[Plugin, str], None]] = {
+    f.__name__: f for f in (check_registration, check_sites, check_count_exact, check_identity_at_init,
+                            check_gate_zero, check_detach, check_state_roundtrip, check_merge, check_meta_count)
+}
+
+
+def applicable_families(plugin: Plugin, families: tuple[str, ...] = FAMILIES) -> list[str]:
+    """Families of the tiny model zoo on which the plugin has at least one site."""
+    out = []
+    for family in families:
+        with torch.device("meta"):
+            model = tiny.FAMILIES[family]()
+        if plugin.sites(ModelGraph.from_model(model)):
+            out.append(family)
+    return out
+
+
+def check_plugin(plugin: Plugin, families: tuple[str, ...] = FAMILIES,
+                 expected_failures: dict[str, str] | None = None) -> list[str]:
+    """Run every check on every family where the plugin has sites; returns the families checked.
+
+    `expected_failures` maps a check name (or 'check_name:family') to the reason it is skipped.
+    """
+    skip = expected_failures or {}
+    checked = applicable_families(plugin, families)
+    if not checked:
+        raise ConformanceError(f"[{plugin.name}] has no site on any of {families}")
+    for family in checked:
+        for name, check in CHECKS.items():
+            if name in skip or f"{name}:{family}" in skip:
+                continue
+            check(plugin, family)
+    return checked
+
+
+class PluginConformance:
+    """pytest base class: subclass it and provide a `plugin` fixture to run each check as a test."""
+
+    families: tuple[str, ...] = FAMILIES
+    expected_failures: dict[str, str] = {}
+
+    def _each(self, plugin: Plugin, name: str) -> None:
+        if name in self.expected_failures:
+            return
+        for family in applicable_families(plugin, self.families):
+            if f"{name}:{family}" not in self.expected_failures:
+                CHECKS[name](plugin, family)
+
+    def test_registration(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_registration")
+
+    def test_sites(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_sites")
+
+    def test_count_exact(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_count_exact")
+
+    def test_identity_at_init(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_identity_at_init")
+
+    def test_gate_zero(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_gate_zero")
+
+    def test_detach(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_detach")
+
+    def test_state_roundtrip(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_state_roundtrip")
+
+    def test_merge(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_merge")
+
+    def test_meta_count(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_meta_count")
