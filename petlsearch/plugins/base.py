@@ -150,8 +150,12 @@ class PETLModule(nn.Module):
         self._hosts.clear()
 
     def trainable_count(self) -> int:
-        """Trainable parameters this module adds (sparse modules count only unmasked entries)."""
-        return sum(p.numel() for p in trainable_params(self))
+        """Trainable parameters this module adds on its own: sparse modules count only unmasked
+        entries, and parameters shared between placements (children named `shared_*`) are left
+        to the plugin's `shared_count`, so that they are counted once per structure."""
+        shared = {id(p) for name, child in self.named_children() if name.startswith("shared_")
+                  for p in child.parameters()}
+        return sum(p.numel() for p in trainable_params(self) if id(p) not in shared)
 
     def merge(self) -> None:
         """Fold the module into the frozen weights and uninstall it (mergeable plugins only)."""
@@ -335,6 +339,23 @@ class Plugin:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ optional hooks
+    def shared_key(self, site: Site, cfg: dict[str, Any]) -> Any:
+        """Placements with the same non-None key share one set of parameters (Compacter's slow
+        weights, VL-Adapter's shared adapter). The module keeps them as a child named `shared_*`;
+        get it with `self.shared(key, factory)` in `build`, which gives every placement the same one."""
+        return None
+
+    def shared_count(self, site: Site, cfg: dict[str, Any]) -> int:
+        """Trainable parameters of the shared part for `shared_key(site, cfg)`, counted once."""
+        return 0
+
+    def shared(self, key: Any, factory: Any) -> nn.Module:
+        """The shared module for `key`, made by `factory()` on first use (state of this instance)."""
+        cache = self.__dict__.setdefault("_shared_modules", {})
+        if key not in cache:
+            cache[key] = factory()
+        return cache[key]
+
     def prepare(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Look at task data before attaching (Fisher scores, SNIP saliency, feature caches)."""
 

@@ -116,6 +116,8 @@ def check_count_exact(plugin: Plugin, family: str) -> None:
                 for _, _, m in attached)
     added = sum(p.numel() for p in model.parameters() if p.requires_grad) - before
     counted = sum(plugin.count(site, cfg) for site, cfg, _ in attached)
+    shared = {plugin.shared_key(site, cfg): plugin.shared_count(site, cfg) for site, cfg, _ in attached}
+    counted += sum(n for key, n in shared.items() if key is not None)
     if dense and added != counted:  # sparse modules count unmasked entries only
         _fail(plugin, "check_count_exact", family, f"model gained {added} trainable parameters, count() says {counted}")
 
