@@ -259,6 +259,7 @@ class WeightDelta(PETLModule):
         name = self.site.param or "weight"
         if getattr(target, name, None) is None:
             raise PluginError(f"site '{self.site.key}': {type(target).__name__} has no parameter '{name}'")
+        self._param_order = list(target._parameters)  # torch re-adds the weight last on removal
         parametrize.register_parametrization(target, name, _Parametrization(self), unsafe=True)
         self._hosts.append(target)
 
@@ -273,11 +274,17 @@ class WeightDelta(PETLModule):
             parametrize.remove_parametrizations(target, name, leave_parametrized=False)
             for owner in others:  # torch removes all of a tensor's parametrizations at once
                 parametrize.register_parametrization(target, name, _Parametrization(owner), unsafe=True)
+            _restore_order(target, getattr(self, "_param_order", []))
         self._hosts.clear()
 
     def delta_weight(self) -> torch.Tensor:
         """The update, shaped like the parameter it changes."""
         raise NotImplementedError
+
+    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The parameter as the forward sees it (gate not 0); sparse updates override this to
+        touch only their entries instead of adding a dense delta."""
+        return weight + self.gated(self.delta_weight())
 
     def merge(self) -> None:
         from torch.nn.utils import parametrize
@@ -293,6 +300,16 @@ class WeightDelta(PETLModule):
             getattr(target, name).data += delta
 
 
+def _restore_order(module: nn.Module, order: list[str]) -> None:
+    """Put `module`'s parameters back in their original order, so that named_parameters() (and
+    optimizers' and state dicts' order) is exactly as before the parametrization."""
+    params = module._parameters
+    names = [n for n in order if n in params] + [n for n in params if n not in order]
+    items = [(n, params[n]) for n in names]
+    params.clear()
+    params.update(items)
+
+
 class _Parametrization(nn.Module):
     """Adapts a WeightDelta to torch's parametrize API without registering it twice."""
 
@@ -303,7 +320,7 @@ class _Parametrization(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.owner.gate_off:
             return weight
-        return weight + self.owner.gated(self.owner.delta_weight())
+        return self.owner.effective_weight(weight)
 
 
 class Plugin:

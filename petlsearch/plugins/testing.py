@@ -53,8 +53,20 @@ def _setup(plugin: Plugin, family: str) -> tuple[torch.nn.Module, ModelGraph, di
     graph = ModelGraph.from_model(model)
     inputs = tiny.inputs(family)
     if plugin.needs_data:
-        plugin.prepare(model, [inputs])
+        plugin.prepare(model, [_labelled(model, family, inputs)])
     return model, graph, inputs, _spread(plugin.sites(graph))
+
+
+def _labelled(model: torch.nn.Module, family: str, inputs: dict) -> dict:
+    """`inputs` with labels, for data-driven plugins: class ids for classifiers, the tokens for LMs."""
+    batch = next(iter(inputs.values())).shape[0]
+    if family in ("bert", "vit"):
+        return {**inputs, "labels": torch.arange(batch) % model.config.num_labels}
+    if family in ("gpt2", "llama"):
+        return {**inputs, "labels": inputs["input_ids"]}
+    if family == "t5":
+        return {**inputs, "labels": inputs["decoder_input_ids"]}
+    return inputs  # CLIP: contrastive, no labels
 
 
 def _run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -191,8 +203,9 @@ def check_state_roundtrip(plugin: Plugin, family: str) -> None:
     expected = _run(model, inputs)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "state.safetensors"
-        state = {f"{i}.{k}": v.detach().contiguous() for i, (_, _, m) in enumerate(attached)
-                 for k, v in m.state_dict().items()}
+        # cloned: placements that share parameters (shared_key) would otherwise alias tensors
+        state = {f"{i}.{k}": v.detach().clone(memory_format=torch.contiguous_format)
+                 for i, (_, _, m) in enumerate(attached) for k, v in m.state_dict().items()}
         save_file(state, str(path))
         loaded = load_file(str(path))
     for i, (site, cfg, _) in enumerate(attached):

@@ -138,6 +138,7 @@ class ModelGraph:
         cls._mark_containers(nodes)
         cls._name_nodes(nodes)
         info = cls._read_info(model, nodes, blocks)
+        info["tied"] = _tied_parameters(model)
         unroled = [n.path for n in nodes.values() if n.role is None and n.type in R.LINEAR_TYPES]
         if unroled:
             log.info("no role for %d Linear modules, e.g. %s", len(unroled), unroled[:3])
@@ -257,8 +258,11 @@ class ModelGraph:
         return self.nodes.get(path.rsplit(".", 1)[0] if "." in path else "")
 
     def num_parameters(self, include_head: bool = False) -> int:
-        """Parameters of the model; without the task head unless asked (budgets count the backbone)."""
-        return sum(n.numel for n in self.nodes.values() if include_head or n.stack != "head")
+        """Parameters of the model; without the task head unless asked (budgets count the backbone).
+        A parameter shared by several modules (tied embeddings) is counted once."""
+        tied = self.info.get("tied", {})
+        return sum(n.numel - _numel(n.params, tied.get(n.path, ())) for n in self.nodes.values()
+                   if include_head or n.stack != "head")
 
     def fingerprint(self) -> str:
         """sha256 of the parameter shapes and the config: the same backbone shape gives the same print."""
@@ -320,6 +324,28 @@ class ModelGraph:
             elif len(sources) == 1:
                 owner[fx_node] = next(iter(sources))
         return added
+
+
+def _tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """{module path: [parameter names]} of parameters that alias one seen earlier (tied weights)."""
+    seen: set[int] = set()
+    tied: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            path, _, leaf = name.rpartition(".")
+            tied.setdefault(path, []).append(leaf)
+        seen.add(id(p))
+    return tied
+
+
+def _numel(params: dict[str, tuple[int, ...]], names: Any) -> int:
+    total = 0
+    for name in names:
+        n = 1
+        for d in params.get(name, (0,)):
+            n *= d
+        total += n
+    return total
 
 
 def _has_stack_hint(path: str) -> bool:

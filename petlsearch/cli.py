@@ -1,0 +1,286 @@
+"""The `petlsearch` command. Start-up imports neither torch nor transformers: each subcommand imports
+what it needs. Exit codes: 0 success, 2 bad input (one line on stderr), 1 unexpected error,
+130 interrupted (the run folder keeps every finished trial; continue with --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from petlsearch import __version__
+from petlsearch.errors import PetlsearchError
+
+log = logging.getLogger("petlsearch")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _load_extra_plugins(specs: Sequence[str] | None) -> list[str]:
+    from petlsearch.plugins.registry import load_spec
+
+    return [load_spec(s).name for s in specs or []]
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_search(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from petlsearch.runners.search import DEFAULT_PLUGINS, search
+
+    console = _console()
+    plugins = (_csv(args.plugins) or list(DEFAULT_PLUGINS)) + _load_extra_plugins(args.plugin)
+    fidelity = final = None
+    if args.steps or args.final_steps:
+        from dataclasses import replace
+
+        from petlsearch.runners.search import FINAL_FIDELITY, SEARCH_FIDELITY
+
+        fidelity = replace(SEARCH_FIDELITY, steps=args.steps or SEARCH_FIDELITY.steps, seed=args.seed)
+        final = replace(FINAL_FIDELITY, steps=args.final_steps or FINAL_FIDELITY.steps, seed=args.seed)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task(f"{args.strategy} search", total=args.trials)
+
+        def say(msg: str) -> None:
+            console.print(msg)
+            if msg.startswith("trial "):
+                progress.advance(bar)
+
+        result = search(model=args.model, task=args.task, budget=args.budget, memory_budget=args.memory_budget,
+                        strategy=args.strategy, plugins=plugins, trials=args.trials, out=args.out,
+                        resume=args.resume, seed=args.seed, include_head=args.include_head,
+                        roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
+                        fidelity=fidelity, final=final, timeout=args.timeout, progress=say)
+    res = result.structure.result
+    console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
+                  f"{res['trainable_params']:,} trainable parameters "
+                  f"({100 * res['trainable_params'] / res['backbone_params']:.4f}% of the backbone, "
+                  f"+{res['head_params']:,} head); test accuracy {res['test'].get('accuracy', float('nan')):.4f}")
+    if result.out_dir:
+        console.print(f"run folder: {result.out_dir} (structure.yaml, weights.safetensors, report.json, *.png)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from petlsearch.plugins.registry import create_plugin
+    from petlsearch.runners.search import FINAL_FIDELITY
+    from petlsearch.runners.tasks import get_task
+    from petlsearch.runners.trial import run_trial
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.structure import Structure
+
+    console = _console()
+    _load_extra_plugins(args.plugin)
+    structure = Structure.load(args.structure)
+    task = get_task(args.task, args.model, seed=args.seed)
+    graph = ModelGraph.from_model(task.make_model())
+    plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
+    structure.resolve(graph, plugins, force=args.force)  # fail early, naming the site or the backbone
+    cfg = replace(FINAL_FIDELITY, steps=args.steps or FINAL_FIDELITY.steps, seed=args.seed)
+    out = args.weights or str(args.structure).rsplit(".", 1)[0] + ".safetensors"
+    outcome = run_trial(task, structure.placements, plugins, cfg, test=True, weights_path=out)
+    console.print(f"{outcome.params:,} trainable parameters (+{outcome.head_params:,} head); "
+                  f"val accuracy {outcome.metrics['accuracy']:.4f}; test accuracy {outcome.test['accuracy']:.4f}; "
+                  f"weights: {out}")
+    return 0
+
+
+def _build_model(name: str) -> Any:
+    """A model for `graph`: the packaged defaults, a local folder, a hub name, or a config on meta."""
+    from petlsearch.runners.tasks import IMAGE_MODELS, TEXT_MODELS
+
+    if name.lower() in TEXT_MODELS:
+        from petlsearch.runners.tasks import _text_model
+
+        return _text_model(name, 2)[1]()
+    if name.lower() in IMAGE_MODELS:
+        from petlsearch.runners.data import efficientnet_lite0
+
+        return efficientnet_lite0(10)
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise PetlsearchError(f"unknown model '{name}': {str(exc).splitlines()[0][:150]}") from None
+    with torch.device("meta"):  # the structure needs shapes only: no memory, no weights
+        return AutoModel.from_config(config)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from petlsearch.searchspace.graph import ModelGraph
+
+    console = _console()
+    graph = ModelGraph.from_model(_build_model(args.model))
+    table = Table(title=f"{args.model}: {graph.family}, {graph.num_parameters():,} backbone parameters")
+    for col in ("name", "role", "layer", "type", "in", "out", "params"):
+        table.add_column(col)
+    for row in graph.summary_rows():
+        if args.roles and not any(str(row["role"]).startswith(r) for r in _csv(args.roles)):
+            continue
+        table.add_row(*(str(row[c] if row[c] is not None else "") for c in ("name", "role", "layer", "type", "in", "out", "params")))
+    console.print(table)
+    for stack, info in graph.info["stacks"].items():
+        console.print(f"stack {stack}: {info['layers']} layers, hidden {info['hidden_size']}, {info['num_heads']} heads")
+    if args.png:
+        from petlsearch.runners.report import graph_picture
+
+        console.print(f"picture: {graph_picture(graph, args.png)}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from petlsearch.plugins.registry import list_plugins, load_all
+
+    console = _console()
+    _load_extra_plugins(args.plugin)
+    loaded = load_all()
+    table = Table(title="installed plugins")
+    for col in ("name", "kinds", "description", "paper"):
+        table.add_column(col, overflow="fold")
+    for name in list_plugins():
+        cls = loaded.get(name)
+        if cls is None:
+            table.add_row(name, "-", "[red]failed to load (see the warning above)[/red]", "")
+        else:
+            table.add_row(name, ",".join(cls.kinds), cls.description, cls.paper)
+    console.print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from petlsearch.searchspace.structure import Structure
+
+    console = _console()
+    s = Structure.load(args.structure)
+    res = s.result
+    console.print(f"backbone: {s.backbone.name} ({s.backbone.family}, {s.backbone.num_parameters:,} parameters)")
+    if s.budget:
+        console.print(f"budget: {s.budget.get('spec') or s.budget}")
+    if res:
+        console.print(f"trainable parameters: {res.get('trainable_params', '?'):,}; test: {res.get('test', {})}; "
+                      f"strategy: {res.get('strategy', '?')}, seed {res.get('seed', '?')}")
+    table = Table(title=f"{len(s.placements)} placements")
+    for col in ("site", "plugin", "config"):
+        table.add_column(col)
+    for p in s.placements:
+        table.add_row(p.site, p.plugin, ", ".join(f"{k}={v}" for k, v in p.config.items()))
+    console.print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from petlsearch.searchspace.structure import Structure
+
+    s = Structure.load(args.structure)
+    if args.to in ("yaml", "json"):
+        out = args.out or str(args.structure).rsplit(".", 1)[0] + f".{args.to}"
+        s.save(out)
+    else:
+        from petlsearch.searchspace.export import export_peft
+
+        out = export_peft(s, args.structure, args.weights, args.out, model=args.model)
+    _console().print(f"wrote {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="petlsearch", description="Search the best parameter-efficient "
+                                     "fine-tuning structure for a frozen pretrained model under a budget.")
+    parser.add_argument("--version", action="version", version=f"petlsearch {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="search a structure under a budget, retrain it, write a run folder")
+    s.add_argument("--budget", default="0.01%", help="trainable parameters: '0.01%%', '1e-4', '25k', '1.2M'")
+    s.add_argument("--memory-budget", help="training memory: '2GiB', '500MB'")
+    s.add_argument("--include-head", action="store_true", help="count the task head against the budget")
+    s.add_argument("--strategy", default="random", help="s3pet | optuna | ray | random | module:Class")
+    s.add_argument("--model", help="minilm (default), efficientnet-lite0, a local folder, or a hub name")
+    s.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes, fashion_mnist, digits, csv:PATH, "
+                   "jsonl:PATH, images:DIR, hub:NAME")
+    s.add_argument("--plugins", help="comma-separated plugin names (default: lora,adapter,parallel_adapter,bitfit,ia3)")
+    s.add_argument("--plugin", action="append", help="extra plugin as package.module:Class (repeatable)")
+    s.add_argument("--roles", help="only sites of these roles, e.g. attn.q,attn.v,ffn")
+    s.add_argument("--layers", help="only these layers, e.g. 0,1,2")
+    s.add_argument("--trials", type=int, default=6, help="structures to evaluate")
+    s.add_argument("--steps", type=int, help="training steps per trial")
+    s.add_argument("--final-steps", type=int, help="training steps of the final retraining")
+    s.add_argument("--timeout", type=float, help="stop proposing trials after this many seconds")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="runs/latest", help="run folder")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.set_defaults(func=cmd_search)
+
+    t = sub.add_parser("train", help="retrain and evaluate a structure file; save its weights")
+    t.add_argument("structure")
+    t.add_argument("--model")
+    t.add_argument("--task", default="rotten_tomatoes")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--weights", help="where to write the trained weights (.safetensors)")
+    t.add_argument("--force", action="store_true", help="apply to a backbone with another fingerprint")
+    t.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("graph", help="show a model's sites, roles and layers")
+    g.add_argument("model", nargs="?", default="minilm")
+    g.add_argument("--roles", help="only these roles (prefixes)")
+    g.add_argument("--png", help="also draw the graph to this PNG file")
+    g.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("plugins", help="list installed plugins")
+    p.add_argument("--plugin", action="append", help="also load package.module:Class")
+    p.set_defaults(func=cmd_plugins)
+
+    sh = sub.add_parser("show", help="summarise a structure file")
+    sh.add_argument("structure")
+    sh.set_defaults(func=cmd_show)
+
+    e = sub.add_parser("export", help="convert a structure: --to peft | yaml | json")
+    e.add_argument("structure")
+    e.add_argument("--to", choices=("peft", "yaml", "json"), required=True)
+    e.add_argument("--weights", help="trained weights (.safetensors; default: next to the structure)")
+    e.add_argument("--model", help="backbone to export for (default: the structure's)")
+    e.add_argument("--out", help="output file or folder")
+    e.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except PetlsearchError as exc:
+        print(f"petlsearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("petlsearch: interrupted; finished trials are kept, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""The whole loop behind `petlsearch search` and `petlsearch.search()`: task -> graph -> space ->
+strategy -> retrain the best structure at full fidelity -> run folder (structure, weights, report,
+pictures, journal).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from petlsearch.errors import BudgetError, PetlsearchError
+from petlsearch.plugins.base import BatchShape
+from petlsearch.runners import report as pictures
+from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
+from petlsearch.runners.trainer import TrainConfig
+from petlsearch.runners.trial import TrialOutcome, run_trial
+from petlsearch.searchspace.budget import Budget
+from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.space import SearchSpace
+from petlsearch.searchspace.structure import Structure
+from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
+
+log = logging.getLogger(__name__)
+DEFAULT_PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
+SEARCH_FIDELITY = TrainConfig(steps=40, batch_size=32, eval_every=20, max_eval_examples=512)
+FINAL_FIDELITY = TrainConfig(steps=300, batch_size=32, eval_every=0)
+
+
+@dataclass
+class RunResult:
+    search: SearchResult
+    structure: Structure
+    final: TrialOutcome
+    out_dir: Path | None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: str | Budget | None = "0.01%",
+           memory_budget: str | None = None, strategy: str = "random", plugins: Sequence[str] = DEFAULT_PLUGINS,
+           trials: int = 6, out: str | Path | None = None, resume: bool = False, seed: int = 0,
+           include_head: bool = False, roles: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+           fidelity: TrainConfig | None = None, final: TrainConfig | None = None, timeout: float | None = None,
+           strategy_options: dict[str, Any] | None = None, progress: Any = None) -> RunResult:
+    """Search a structure for `model` on `task` under `budget`, retrain it, and write the run folder.
+
+    >>> result = petlsearch.search(budget="0.1%", strategy="random", trials=4)  # doctest: +SKIP
+    >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
+    """
+    budget = budget if isinstance(budget, Budget) else Budget.parse(budget, memory_budget, include_head)
+    out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
+                                         "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
+                                         "trials": trials, "seed": seed})
+    fidelity = fidelity or TrainConfig(**{**asdict(SEARCH_FIDELITY), "seed": seed})
+    final = final or TrainConfig(**{**asdict(FINAL_FIDELITY), "seed": seed})
+    say = progress or (lambda msg: log.info("%s", msg))
+    t0 = time.monotonic()
+    task = task if isinstance(task, Task) else get_task(task, model, seed=seed)
+    graph = ModelGraph.from_model(task.make_model())
+    space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
+    limit = budget.max_params(space.backbone_params)
+    if not space.candidates:
+        raise PetlsearchError(f"no site of plugins {list(plugins)} matches roles={roles} layers={layers}")
+    if limit is not None and min(c.min_cost for c in space.candidates) > limit:
+        cheapest = min(space.candidates, key=lambda c: c.min_cost)
+        raise BudgetError(f"budget {budget.describe(space.backbone_params)} is too small: the cheapest candidate "
+                          f"({cheapest.key}) needs {cheapest.min_cost:,} parameters")
+    size = space.size()
+    say(f"{task.model_name} on {task.name}: {space.backbone_params:,} backbone parameters; budget "
+        f"{budget.describe(space.backbone_params)}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
+    shape = BatchShape(fidelity.batch_size, task.max_length)
+
+    def objective(placements: Any, report: Any) -> TrialOutcome:
+        return run_trial(task, placements, space.plugins, fidelity, report=report)
+
+    ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say)
+    strat = get_strategy(strategy, **(strategy_options or {}))
+    found = strat.run(ctx)
+    ctx.check_fits(found.best)  # never return an over-budget structure
+    say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters)")
+    weights = out_dir / "weights.safetensors" if out_dir else None
+    outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights)
+    result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
+              "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
+              "strategy": strategy, "seed": seed, "trials": len(found.history),
+              "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
+              "train": final.to_dict()}
+    if budget.memory is not None:
+        result["memory_estimate"] = space.memory(found.best, shape)
+    structure = space.structure(found.best, budget, name=task.model_name, result=result)
+    files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
+    say(f"test accuracy {outcome.test.get('accuracy', float('nan')):.4f} with {result['trainable_params']:,} "
+        f"trainable parameters (+{outcome.head_params:,} head)")
+    return RunResult(found, structure, outcome, out_dir, files)
+
+
+def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any]) -> Path | None:
+    """Create the run folder; an existing one needs --resume and the same arguments."""
+    if out is None:
+        return None
+    out = Path(out)
+    meta = out / "run.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            raise PetlsearchError(f"output folder {out} exists; pass --resume to continue it or choose another --out")
+        if meta.exists():
+            old = json.loads(meta.read_text())
+            diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
+            if diff:
+                raise PetlsearchError(f"cannot resume {out}: arguments differ from the first run: {diff}")
+    out.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(args, indent=2, default=str))
+    return out
+
+
+def _write_run(out: Path, structure: Structure, found: SearchResult, space: SearchSpace,
+               limit: int | None) -> dict[str, str]:
+    files = {"structure": str(structure.save(out / "structure.yaml"))}
+    counts = [space.count([p]) for p in structure.placements]
+    files["structure_png"] = str(pictures.structure_heatmap(structure.placements, counts, out / "structure.png",
+                                                            f"{structure.backbone.name}: {sum(counts):,} parameters"))
+    files["search_curve"] = str(pictures.search_curve(found.history, out / "search_curve.png", f"{found.strategy} search"))
+    files["pareto"] = str(pictures.pareto_plot(found.history, found.pareto, out / "pareto.png", limit))
+    report = {"result": structure.result, "best": [asdict(p) for p in found.best],
+              "pareto": [r.to_dict() for r in found.pareto], "history": [r.to_dict() for r in found.history],
+              "extras": found.extras}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    files["report"] = str(out / "report.json")
+    return files

@@ -1,0 +1,212 @@
+"""Task: a data source, a model factory and a metric. `get_task(name, model)` builds one by name:
+
+- `rotten_tomatoes` (default): fresh/rotten snippets, text classification.
+- `fashion_mnist`: Fashion-MNIST images (resized), image classification.
+- `digits`: scikit-learn's 8x8 digits (tiny, for quick checks).
+- `csv:PATH` / `jsonl:PATH`: the user's text file (`text_column`, `label_column`).
+- `images:DIR`: a folder of images by class.
+- `hub:NAME`: a Hugging Face `datasets` name (needs the network).
+
+Models: `minilm` (default, the packaged all-MiniLM-L6-v2), `efficientnet-lite0`, a local
+folder with a config.json, or a hub name when online.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from petlsearch.errors import TaskError, did_you_mean
+from petlsearch.runners import data as D
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "minilm"
+DEFAULT_TASK = "rotten_tomatoes"
+TEXT_MODELS = {"minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2"}
+IMAGE_MODELS = {"efficientnet-lite0", "efficientnet_lite0"}
+TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME")
+
+
+@dataclass
+class Task:
+    """Splits + a model factory + how to batch + the metric (higher is better)."""
+
+    name: str
+    kind: str  # "text" | "image"
+    splits: D.Splits
+    model_name: str
+    model_factory: Callable[[], nn.Module]
+    encode: Callable[[Any], dict[str, Any]]  # a list of inputs -> model kwargs (without labels)
+    metric: str = "accuracy"
+    max_length: int = 64
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.splits.classes)
+
+    def make_model(self) -> nn.Module:
+        """A fresh copy of the pretrained model with a new head (loaded from disk once)."""
+        if "model" not in self._cache:
+            self._cache["model"] = self.model_factory()
+        model = copy.deepcopy(self._cache["model"])
+        model.train()
+        return model
+
+    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
+                fraction: float = 1.0, epochs: int | None = 1) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of model kwargs with 'labels'; `fraction` keeps a seeded stratified-enough subset."""
+        import torch
+
+        x, y = self.splits.split(split)
+        n = len(y)
+        rng = np.random.default_rng(seed)
+        keep = np.arange(n)
+        if fraction < 1.0:
+            keep = np.sort(rng.permutation(n)[: max(batch_size, int(round(fraction * n)))])
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = rng.permutation(keep) if shuffle else keep
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                items = [x[i] for i in idx] if isinstance(x, list) else x[idx]
+                batch = self.encode(items)
+                batch["labels"] = torch.as_tensor(y[idx])
+                yield batch
+            epoch += 1
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        from sklearn.metrics import f1_score
+
+        pred = logits.argmax(-1).cpu().numpy()
+        true = labels.cpu().numpy()
+        return {"accuracy": float((pred == true).mean()),
+                "f1": float(f1_score(true, pred, average="macro"))}
+
+
+# ---------------------------------------------------------------------------- factories
+def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module], Any]:
+    """(display name, model factory, tokenizer) for a text backbone."""
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    key = name.lower()
+    if key in TEXT_MODELS:
+        path, display = D.minilm_path(), TEXT_MODELS[key]
+    elif Path(name).is_dir():
+        path, display = name, Path(name).name
+    elif "/" in name:
+        path, display = name, name
+    else:
+        raise TaskError(f"unknown model '{name}'{did_you_mean(key, list(TEXT_MODELS) + sorted(IMAGE_MODELS))}; "
+                        "use minilm, efficientnet-lite0, a local model folder, or a hub name org/model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise TaskError(f"cannot load model '{name}' ({str(exc).splitlines()[0][:120]}); offline machines "
+                        "can use the packaged default 'minilm' or a local folder") from None
+
+    def factory() -> nn.Module:
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        finally:
+            hf_logging.set_verbosity(level)
+
+    return display, factory, tokenizer
+
+
+def _text_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], dict[str, Any]]:
+    def encode(texts: list[str]) -> dict[str, Any]:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return dict(enc)
+    return encode
+
+
+def _image_encoder(size: int, channels: int = 3) -> Callable[[np.ndarray], dict[str, Any]]:
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor([0.485, 0.456, 0.406][:channels]).view(1, -1, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225][:channels]).view(1, -1, 1, 1)
+
+    def encode(images: np.ndarray) -> dict[str, Any]:
+        x = torch.as_tensor(np.asarray(images), dtype=torch.float32) / 255.0
+        if x.dim() == 3:  # (N, H, W) grey -> (N, C, H, W)
+            x = x.unsqueeze(1).expand(-1, channels, -1, -1)
+        else:  # (N, H, W, C)
+            x = x.permute(0, 3, 1, 2)
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return {"pixel_values": (x - mean) / std}
+    return encode
+
+
+def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column: str = "text",
+             label_column: str = "label", max_length: int = 64, image_size: int = 64, seed: int = 0,
+             limit: int | None = None) -> Task:
+    """Build the task `name` on backbone `model` (defaults: Rotten Tomatoes on MiniLM)."""
+    kind, _, arg = name.partition(":")
+    if kind == "rotten_tomatoes":
+        splits, modality = D.rotten_tomatoes(seed), "text"
+    elif kind in ("csv", "jsonl") and arg:
+        splits, modality = D.text_file(arg, text_column, label_column, seed), "text"
+    elif kind == "hub" and arg:
+        splits, modality = D.hub_dataset(arg, text_column, label_column, seed), "text"
+    elif kind == "fashion_mnist":
+        splits, modality = D.fashion_mnist(seed, limit=limit), "image"
+    elif kind == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = (d.images * (255.0 / 16.0)).astype(np.uint8)
+        splits, modality = D.stratified_splits(images, d.target.astype(np.int64),
+                                               tuple(str(i) for i in range(10)), seed), "image"
+    elif kind == "images" and arg:
+        splits, modality = D.image_folder(arg, image_size, seed), "image"
+    else:
+        raise TaskError(f"unknown task '{name}'{did_you_mean(name, [t.split(':')[0] for t in TASKS])}; "
+                        f"choose one of {', '.join(TASKS)}")
+    if limit is not None and modality == "text":
+        splits = _limit(splits, limit, seed)
+    n = len(splits.classes)
+    if modality == "text":
+        display, factory, tokenizer = _text_model(model or DEFAULT_MODEL, n)
+        return Task(name, "text", splits, display, factory, _text_encoder(tokenizer, max_length), max_length=max_length)
+    model = model or "efficientnet-lite0"
+    if model.lower() not in IMAGE_MODELS:
+        raise TaskError(f"image task '{name}' needs an image model; use --model efficientnet-lite0")
+
+    def image_factory() -> nn.Module:
+        from petlsearch.runners.models import ImageClassifier
+
+        return ImageClassifier(D.efficientnet_lite0(n))
+
+    return Task(name, "image", splits, "efficientnet-lite0", image_factory, _image_encoder(image_size))
+
+
+def _limit(splits: D.Splits, limit: int, seed: int) -> D.Splits:
+    """At most `limit` training examples (validation and test shrink in proportion)."""
+    rng = np.random.default_rng(seed)
+
+    def cut(x: Any, y: np.ndarray, n: int) -> tuple[Any, np.ndarray]:
+        idx = np.sort(rng.permutation(len(y))[:n])
+        return ([x[i] for i in idx] if isinstance(x, list) else x[idx]), y[idx]
+
+    small = max(limit // 8, 2 * len(splits.classes))
+    return D.Splits(*cut(splits.x_train, splits.y_train, limit), *cut(splits.x_val, splits.y_val, small),
+                    *cut(splits.x_test, splits.y_test, small), splits.classes)

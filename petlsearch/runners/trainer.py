@@ -1,0 +1,192 @@
+"""The training loop: AdamW with warm-up and linear decay, gradient accumulation, mixed precision on
+CUDA, periodic evaluation with early stopping and pruning reports, seeded and deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from petlsearch.runners.tasks import Task
+
+if TYPE_CHECKING:
+    from petlsearch.searchspace.graph import ModelGraph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to train; a trial at reduced fidelity uses fewer steps / a data fraction."""
+
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per step (before accumulation)"})
+    lr: float = field(default=2e-3, metadata={"help": "learning rate of the PETL modules"})
+    head_lr: float = field(default=2e-3, metadata={"help": "learning rate of the task head"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
+    grad_accum: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the end only)"})
+    patience: int | None = field(default=None, metadata={"help": "stop after N evaluations without gain"})
+    data_fraction: float = field(default=1.0, metadata={"help": "fraction of the training split used"})
+    max_eval_examples: int | None = field(default=None, metadata={"help": "cap on evaluated examples"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and initialisation"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto"})
+    train_head: bool = field(default=True, metadata={"help": "train the task head with the modules"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_loss: float
+    val: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+    step_seconds: float
+    pruned: bool = False
+    stopped_early: bool = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def head_parameters(model: nn.Module, graph: ModelGraph) -> list[nn.Parameter]:
+    """Parameters of the task head (nodes with role 'head')."""
+    params = []
+    for node in graph.find(role="head"):
+        params.extend(model.get_submodule(node.path).parameters(recurse=False))
+    return params
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    warm = max(1, int(cfg.warmup * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
+    return f
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int = 64,
+             max_examples: int | None = None, device: torch.device | None = None) -> dict[str, float]:
+    """Metrics of `model` on a split (accuracy, macro F1, loss)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits, labels, losses = [], [], []
+    seen = 0
+    for batch in task.batches(split, batch_size):
+        out = model(**to_device(batch, device))
+        logits.append(out.logits.float().cpu())
+        labels.append(batch["labels"])
+        losses.append(float(out.loss) * len(batch["labels"]))
+        seen += len(batch["labels"])
+        if max_examples is not None and seen >= max_examples:
+            break
+    model.train(was_training)
+    metrics = task.score(torch.cat(logits), torch.cat(labels))
+    metrics["loss"] = sum(losses) / max(seen, 1)
+    return metrics
+
+
+def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig,
+          report: Callable[[int, float], bool] | None = None,
+          after_step: Iterable[Callable[[int], None]] = (), progress: Any = None) -> TrainResult:
+    """Train `groups` ([(params, lr)]) of `model` on the task's training split.
+
+    `report(step, val_accuracy)` is called at each evaluation and returns True to prune the trial;
+    `after_step` callbacks run after every optimizer step (S3PET's architecture step);
+    `progress` is an optional rich Progress task handle updater `progress(advance=1)`.
+    """
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    optimizer = make_optimizer(groups, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    params = [p for ps, _ in groups for p in ps]
+    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    batches = task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed,
+                           fraction=cfg.data_fraction, epochs=None)
+    history: list[dict[str, float]] = []
+    best, stale, losses, times = -math.inf, 0, [], []
+    pruned = stopped = False
+    start = time.perf_counter()
+    step = 0
+    for step in range(1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        for _ in range(cfg.grad_accum):
+            batch = to_device(next(batches), device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = model(**batch).loss / cfg.grad_accum
+            loss.backward()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at step {step}")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for callback in after_step:
+            callback(step)
+        losses.append(loss.item() * cfg.grad_accum)
+        times.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(advance=1)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
+            history.append({"step": step, "loss": statistics.fmean(losses[-cfg.eval_every:]), **val})
+            if report is not None and report(step, val["accuracy"]):
+                pruned = True
+                break
+            if val["accuracy"] > best:
+                best, stale = val["accuracy"], 0
+            else:
+                stale += 1
+                if cfg.patience is not None and stale >= cfg.patience:
+                    stopped = True
+                    break
+    val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
+    history.append({"step": step, "loss": statistics.fmean(losses[-10:]) if losses else math.nan, **val})
+    if report is not None and not pruned:
+        report(step, val["accuracy"])
+    return TrainResult(step, history[-1]["loss"], val, history, time.perf_counter() - start,
+                       statistics.median(times) if times else 0.0, pruned, stopped)

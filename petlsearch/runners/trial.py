@@ -1,0 +1,85 @@
+"""One trial: apply a structure to a fresh copy of the backbone, train it at a fidelity, score it.
+
+Search trials score on the validation split; the final run of the best structure trains at full
+fidelity and also reports the test split.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from petlsearch.runners.trainer import TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters, train
+from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.structure import Backbone, Placement, Structure
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.runners.tasks import Task
+
+log = logging.getLogger(__name__)
+PREPARE_BATCHES = 8  # batches a data-driven plugin (FISH, SNIP, Tip-Adapter) may look at
+
+
+def clone_plugin(plugin: Plugin) -> Plugin:
+    """A fresh instance with the same constructor arguments (read back from attributes, as sklearn)."""
+    names = [p for p in inspect.signature(type(plugin).__init__).parameters if p != "self"]
+    return type(plugin)(**{n: getattr(plugin, n) for n in names if hasattr(plugin, n)})
+
+
+@dataclass
+class TrialOutcome:
+    score: float
+    params: int
+    head_params: int
+    metrics: dict[str, float]
+    train: TrainResult
+    test: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def pruned(self) -> bool:
+        return self.train.pruned
+
+
+def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
+              report: Callable[[int, float], bool] | None = None, test: bool = False,
+              weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
+    """Train `placements` on a fresh backbone; score = validation accuracy."""
+    start = time.perf_counter()
+    model = task.make_model()
+    freeze_backbone(model)
+    graph = ModelGraph.from_model(model)
+    fresh = {name: clone_plugin(p) for name, p in plugins.items()}
+    for name in {p.plugin for p in placements}:
+        if fresh[name].needs_data:
+            fresh[name].prepare(model, itertools.islice(task.batches("train", cfg.batch_size, seed=cfg.seed),
+                                                        PREPARE_BATCHES))
+    applied = Structure(Backbone(), list(placements)).apply(model, graph, fresh, force=True)
+    head = head_parameters(model, graph) if cfg.train_head else []
+    for p in head:
+        p.requires_grad_(True)
+    result = train(model, task, [(applied.parameters(), cfg.lr), (head, cfg.head_lr)], cfg,
+                   report=report, progress=progress)
+    test_metrics = evaluate(model, task, "test") if test else {}
+    if weights_path is not None:
+        applied.save_weights(weights_path)
+        _save_head(model, graph, Path(weights_path).with_name("head.safetensors"))
+    return TrialOutcome(result.val["accuracy"], applied.trainable_count(), sum(p.numel() for p in head),
+                        result.val, result, test_metrics, time.perf_counter() - start)
+
+
+def _save_head(model: Any, graph: ModelGraph, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {f"{n.path}.{k}": v.detach().contiguous() for n in graph.find(role="head")
+             for k, v in model.get_submodule(n.path).state_dict().items()}
+    if state:
+        save_file(state, str(path))

@@ -1,0 +1,125 @@
+"""Budget: how many trainable parameters (and/or bytes of training memory) a structure may use.
+
+Parameter budgets: "0.01%" or "1e-4" (a fraction of the backbone's parameters, task head
+excluded), "25k" / "1.2M" / "300" (absolute). Memory budgets: "2GiB", "500MB", "512MiB".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from petlsearch.errors import BudgetError
+
+FORMS = "'0.01%' or '1e-4' (fraction of the backbone), '25k' / '1.2M' / '300' (parameters), '2GiB' / '500MB' (memory)"
+_PARAM_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
+_MEM_SUFFIX = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_NUMBER = r"(\d+(?:\.\d*)?(?:e[-+]?\d+)?|\.\d+(?:e[-+]?\d+)?)"
+
+
+def parse_params(spec: str) -> tuple[float | None, int | None]:
+    """(fraction, absolute) from a parameter budget string; exactly one is set."""
+    text = str(spec).strip().lower().replace("_", "").replace(",", "")
+    m = re.fullmatch(_NUMBER + r"\s*%", text)
+    if m:
+        frac = float(m.group(1)) / 100
+        return _check_fraction(frac, spec), None
+    m = re.fullmatch(_NUMBER + r"\s*([kmbg]?)", text)
+    if not m:
+        raise BudgetError(f"cannot read the budget {spec!r}; use {FORMS}")
+    value = float(m.group(1))
+    if not m.group(2) and value < 1:
+        return _check_fraction(value, spec), None
+    total = value * _PARAM_SUFFIX[m.group(2)]
+    if not math.isfinite(total) or total < 1 or total > 1e13:
+        raise BudgetError(f"budget {spec!r} is not a sensible parameter count; use {FORMS}")
+    return None, int(total)
+
+
+def _check_fraction(frac: float, spec: str) -> float:
+    if not 0 < frac <= 1:
+        raise BudgetError(f"budget {spec!r} must be a fraction in (0, 100%]; use {FORMS}")
+    return frac
+
+
+def parse_memory(spec: str) -> int:
+    """Bytes from a memory budget string such as '2GiB' or '500MB'."""
+    text = str(spec).strip().lower().replace("_", "")
+    m = re.fullmatch(_NUMBER + r"\s*([kmgt]i?b|b)", text)
+    if not m:
+        raise BudgetError(f"cannot read the memory budget {spec!r}; use e.g. '2GiB', '500MB' or '512MiB'")
+    value = float(m.group(1)) * _MEM_SUFFIX[m.group(2)]
+    if not math.isfinite(value) or value < 1 or value > 2**50:
+        raise BudgetError(f"memory budget {spec!r} is out of range")
+    return int(value)
+
+
+def _looks_like_memory(spec: str) -> bool:
+    return bool(re.search(r"\d\s*[kmgt]i?b\s*$|\d\s*b\s*$", str(spec).strip().lower()))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parameter budget (fraction or absolute), a memory budget in bytes, or both."""
+
+    fraction: float | None = None
+    params: int | None = None
+    memory: int | None = None
+    include_head: bool = False
+    spec: str = ""
+
+    @classmethod
+    def parse(cls, spec: str | None = None, memory: str | None = None, include_head: bool = False) -> Budget:
+        """Read `--budget` and `--memory-budget`; a memory string given as `spec` counts as memory."""
+        fraction = params = mem = None
+        if spec is not None and str(spec).strip():
+            if _looks_like_memory(spec):
+                mem = parse_memory(spec)
+            else:
+                fraction, params = parse_params(spec)
+        if memory is not None and str(memory).strip():
+            mem = parse_memory(memory)
+        if fraction is None and params is None and mem is None:
+            raise BudgetError(f"no budget given; use {FORMS}")
+        label = " + ".join(str(s) for s in (spec, memory) if s)
+        return cls(fraction, params, mem, include_head, label)
+
+    def max_params(self, backbone_params: int) -> int | None:
+        """The largest trainable-parameter count allowed for a backbone of this size (None: no limit)."""
+        if self.params is not None:
+            return self.params
+        if self.fraction is not None:
+            return int(math.floor(self.fraction * backbone_params))
+        return None
+
+    def fits(self, params: int, backbone_params: int, memory: int | None = None, head_params: int = 0) -> bool:
+        """True when `params` (plus the head if the budget includes it) and `memory` are within budget."""
+        limit = self.max_params(backbone_params)
+        used = params + (head_params if self.include_head else 0)
+        if limit is not None and used > limit:
+            return False
+        return not (self.memory is not None and memory is not None and memory > self.memory)
+
+    def describe(self, backbone_params: int | None = None) -> str:
+        parts = []
+        if self.fraction is not None:
+            p = f"{self.fraction * 100:g}% of the backbone"
+            if backbone_params:
+                p += f" = {self.max_params(backbone_params):,} parameters"
+            parts.append(p)
+        if self.params is not None:
+            parts.append(f"{self.params:,} parameters")
+        if self.memory is not None:
+            parts.append(f"{self.memory / 2**30:.2f} GiB of training memory")
+        return " and ".join(parts) + (" (head included)" if self.include_head else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Budget:
+        return cls(**{k: data.get(k) for k in ("fraction", "params", "memory")},
+                   include_head=bool(data.get("include_head", False)), spec=str(data.get("spec", "")))

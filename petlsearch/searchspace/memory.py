@@ -1,0 +1,451 @@
+"""Training memory: modelled from the graph without building anything, and measured on a real step.
+
+Parameter-efficient methods save stored parameters but often little training memory, because the
+gradient still travels back through the frozen backbone (Sung et al., LST: Ladder Side-Tuning for
+Parameter and Memory Efficient Transfer Learning, NeurIPS 2022). The model here adds up:
+
+- frozen weights: the backbone's parameters (tied ones once) at `shape.dtype_bytes` each;
+- trainable state: each trainable parameter, its gradient and AdamW's two moments (16 bytes in fp32);
+- activations that backward must keep. Layers below the lowest placement that needs a gradient
+  through the backbone keep nothing (their inputs need no grad and their weights are frozen), so a
+  stack costs the blocks from that placement up (`BlockProfile.elements`, per token, calibrated
+  against `measure` on BERT, T5 and ViT), its final norm, and the loss' logits. Query placements (VQT)
+  and side networks (LST) need no backprop through the backbone: they cost their own activations.
+
+`estimate` is what budgets and strategies use; `measure` is the ground truth it is tested against
+(CPU: the bytes autograd saves, each storage once, plus parameters, gradients and optimizer state;
+CUDA: the allocator's peak over one step).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from petlsearch.plugins.base import BatchShape, Plugin, Site
+    from petlsearch.searchspace.graph import ModelGraph
+
+    Placement = tuple[Plugin, Site, dict[str, Any]]
+
+# Levels inside a block where a placement can sit; a block keeps the activations at and above it.
+BELOW, ATTN_IN, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 6)
+_ROLE_LEVEL = {
+    "attn.q": ATTN_IN, "attn.k": ATTN_IN, "attn.v": ATTN_IN, "attn.qkv": ATTN_IN, "block": BELOW,
+    "attn.o": ATTN_OUT, "attn": ATTN_OUT,
+    "xattn.q": XATTN_IN, "xattn.k": XATTN_IN, "xattn.v": XATTN_IN, "xattn.o": XATTN_OUT, "xattn": XATTN_OUT,
+    "ffn.up": FFN_IN, "ffn.gate": FFN_IN, "ffn.down": FFN_OUT, "ffn": FFN_OUT,
+}
+# kinds whose gradient reaches them through the backbone (the others cost their own activations)
+THROUGH_KINDS = ("weight", "sequential", "parallel", "scale", "tokens", "kv_prefix")
+# elements an activation function saves per FFN element (measured: exact GELU / ReLU / SiLU keep one
+# tensor, QuickGELU x * sigmoid(1.702 x) two, the tanh-formula GELU of T5 v1.1 / GPT-2 four)
+_ACT_SAVES = {"GELUActivation": 1, "GELU": 1, "ReLU": 1, "SiLU": 1, "SiLUActivation": 1, "Tanh": 1,
+              "GELUTanh": 1, "PytorchGELUTanh": 1, "NewGELUActivation": 4, "FastGELUActivation": 3,
+              "QuickGELUActivation": 2}
+_POST_LN = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert", "mpnet", "ernie"}
+_POOLED = ("ForSequenceClassification", "ForImageClassification", "ForMultipleChoice")
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    """The facts that decide what a transformer block keeps for backward, and the count itself.
+
+    Calibrated against `measure` (torch 2.13, CPU, fp32): with frozen weights a Linear keeps nothing
+    (autograd saves its input only for a weight gradient); LayerNorm keeps its input and two
+    statistics per token, RMS norms their input and one; attention keeps q, k, v and the softmax
+    output (seq * heads per token), plus the dropout mask and dropped probabilities when attention
+    dropout is on, or q, k, v, output and a log-sum-exp per head on the fused (flash) path that SDPA
+    takes without dropout on CPU and always on CUDA; dropout keeps a mask (fp32 on CPU, bool on CUDA).
+    """
+
+    hidden: int
+    inner: int  # heads * head_dim
+    ffn: int
+    heads: int
+    norm_stats: int = 2  # LayerNorm: mean and rstd; RMS norms: rstd only
+    post_norm: bool = False  # BERT-style norm after the residual add
+    act: float = 1.0  # tensors of FFN width the activation keeps
+    gated: bool = False  # act(gate(x)) * up(x) keeps both factors
+    cross: bool = False  # decoder block with cross-attention
+    attn_dropout: bool = False
+    hidden_dropout: bool = False
+    ffn_dropout: bool = False  # dropout inside the FFN (T5)
+
+    def scaled(self, r: int) -> BlockProfile:
+        """The same block at 1/r of the width (same heads): an LST side block."""
+        return replace(self, hidden=max(1, self.hidden // r), inner=self.heads * max(1, self.inner // self.heads // r),
+                       ffn=max(1, self.ffn // r))
+
+    def elements(self, tokens: int, seq: int, start: int = BELOW, trainable: bool = False,
+                 device: str = "cpu", sdpa: bool = True, kv_grad: bool = True) -> float:
+        """fp32-equivalent elements kept for `tokens` tokens (sequences of `seq`) by the parts of
+        the block that the gradient crosses from level `start` up (BELOW: the whole block).
+        `trainable` adds what trained weights keep (their layers' inputs, RMS norms' normalised
+        input); `kv_grad` is False when cross-attention reads an encoder that needs no gradient."""
+        h, f, mask = self.hidden, self.ffn, (1.0 if device == "cpu" else 0.25)
+        norm = h + self.norm_stats
+        drop = mask * h if self.hidden_dropout else 0.0
+        ffn_act = self.act * f + (2 * f if self.gated else 0) + (mask * f if self.ffn_dropout else 0)
+        pre, post = (0.0, norm) if self.post_norm else (norm, 0.0)
+        # (level, elements): a pre-norm sits below its sublayer, so a placement inside it skips it
+        parts = [(BELOW, pre), (ATTN_IN, self._core(seq, device, sdpa, True)), (ATTN_OUT, drop + post)]
+        if self.cross:
+            parts += [(ATTN_OUT, pre), (XATTN_IN, self._core(seq, device, sdpa, kv_grad)),
+                      (XATTN_OUT, drop + post)]
+        parts += [(XATTN_OUT, pre), (FFN_IN, ffn_act), (FFN_OUT, drop + post)]
+        per_token = sum(e for level, e in parts if level >= start)
+        if trainable:
+            norms = 3 if self.cross else 2
+            per_token += 2 * h + self.inner + f + (h if self.cross else 0) + (norms * h if self.norm_stats == 1 else 0)
+        return tokens * per_token
+
+    def _core(self, seq: int, device: str, sdpa: bool, kv_grad: bool) -> float:
+        """Attention per query token (keys as many as queries)."""
+        if sdpa and (device != "cpu" or not self.attn_dropout):  # fused kernel: q, k, v, out, lse
+            return 4 * self.inner + self.heads
+        mask = 1.0 if device == "cpu" else 0.25
+        probs = self.heads * seq * ((2 + mask) if self.attn_dropout else 1)
+        if not kv_grad:  # only q needs a gradient: k, v, softmax output and mask are kept
+            return 2 * self.inner + self.heads * seq * ((1 + mask) if self.attn_dropout else 1)
+        return 3 * self.inner + probs
+
+
+def _config_value(graph: ModelGraph, *keys: str) -> float:
+    config = graph.info.get("config", {})
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+def block_profile(graph: ModelGraph, stack: str) -> BlockProfile:
+    """The profile of the first block of `stack`, read from its nodes and the model's config."""
+    block = next(b for b in graph.blocks if b.stack == stack)
+    nodes = [n for n in graph.nodes.values() if n.path.startswith(block.path + ".")]
+    hidden = graph.hidden_size(stack) or 1
+    heads = graph.num_heads(stack) or 1
+
+    def out_of(*roles: str) -> int | None:
+        return next((n.out_features for n in nodes if n.role in roles and n.out_features), None)
+
+    qkv = out_of("attn.qkv")
+    inner = out_of("attn.q") or (qkv // 3 if qkv else hidden)
+    ffn = out_of("ffn.up", "ffn.gate") or 4 * hidden
+    norms = [n for n in nodes if n.role == "norm"]
+    act = next((_ACT_SAVES[n.type] for n in nodes if n.type in _ACT_SAVES), 1)
+    ffn_paths = [n.path for n in nodes if n.role == "ffn"]
+    ffn_dropout = any(n.type == "Dropout" and any(n.path.startswith(p + ".") for p in ffn_paths) for n in nodes)
+    p_attn = _config_value(graph, "attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "dropout_rate")
+    p_hidden = _config_value(graph, "hidden_dropout_prob", "resid_pdrop", "dropout_rate", "hidden_dropout")
+    return BlockProfile(
+        hidden=hidden, inner=inner, ffn=ffn, heads=heads,
+        norm_stats=2 if all(n.type == "LayerNorm" for n in norms) else 1,
+        post_norm=graph.family in _POST_LN, act=act, gated=any(n.role == "ffn.gate" for n in nodes),
+        cross=any(n.role and n.role.startswith("xattn") for n in nodes),
+        attn_dropout=p_attn > 0, hidden_dropout=p_hidden > 0, ffn_dropout=ffn_dropout and p_hidden > 0,
+    )
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak training memory in bytes: `total` = weights + trainable_state + activations."""
+
+    total: int
+    weights: int
+    trainable_state: int
+    activations: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+
+def bytes_per_trainable(dtype_bytes: int = 4, optimizer: str = "adamw") -> int:
+    """A trainable parameter, its gradient and the optimizer's state (AdamW: two moments)."""
+    return {"adamw": 4, "sgd": 2}[optimizer] * dtype_bytes
+
+
+def estimate(graph: ModelGraph, placements: list[Placement], shape: BatchShape, *, device: str = "cpu",
+             attention: str = "sdpa", optimizer: str = "adamw") -> MemoryEstimate:
+    """Peak training memory of `placements` on the model of `graph` for batches of `shape`.
+
+    `shape.seq` is the length of every stack's sequences (patches + class token for ViT, the
+    decoder's too for T5). `device` 'cpu' is calibrated against `measure`; 'cuda' assumes bool
+    dropout masks and fused attention. `attention` is the model's attention implementation.
+    """
+    dt = shape.dtype_bytes
+    weights = graph.num_parameters(include_head=True) * dt
+    trainable = _trainable_count(placements) * bytes_per_trainable(dt, optimizer)
+    breakdown = _activations(graph, placements, shape, device=device, sdpa=attention == "sdpa")
+    activations = int(round(sum(breakdown.values()) * dt))
+    breakdown = {k: int(round(v * dt)) for k, v in breakdown.items()}
+    breakdown.update(weights=weights, trainable_state=trainable)
+    return MemoryEstimate(weights + trainable + activations, weights, trainable, activations, breakdown)
+
+
+def _trainable_count(placements: list[Placement]) -> int:
+    total, shared = 0, {}
+    for plugin, site, cfg in placements:
+        cfg = plugin.config(site, cfg)
+        total += plugin.count(site, cfg)
+        key = plugin.shared_key(site, cfg)
+        if key is not None:
+            shared[(plugin.name, key)] = plugin.shared_count(site, cfg)
+    return total + sum(shared.values())
+
+
+def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchShape) -> float:
+    """A placement's own activations; a scale (IA3) that does not declare them keeps the tensor it
+    multiplies (its gradient needs it)."""
+    from petlsearch.plugins.base import Plugin as _Base
+
+    if type(plugin).activation_elements is not _Base.activation_elements:
+        return plugin.activation_elements(site, cfg, shape)
+    if site.kind == "scale":
+        return shape.tokens * ((site.in_features if site.get("where") == "input" else site.out_features) or 0)
+    return 0.0
+
+
+def _level(graph: ModelGraph, site: Site) -> int:
+    """Where inside its block a placement sits: its gradient needs the parts at and above it."""
+    if site.kind == "tokens":
+        return BELOW  # tokens join the block's input
+    if site.kind == "kv_prefix":
+        return XATTN_IN if site.role.startswith("xattn") else ATTN_IN
+    if site.role == "norm":
+        cross = any(n.role == "xattn.q" for n in graph.find(stack=site.stack, layer=site.layer))
+        attn = re.search(r"before|norm1|ln_1|input_layernorm|attention|layer\.0\.", site.path)
+        sub = (ATTN_IN if attn else XATTN_IN if cross and "layer.1." in site.path else FFN_IN)
+        return sub + 1 if graph.family in _POST_LN else sub
+    return _ROLE_LEVEL.get(site.role, ATTN_IN)
+
+
+def _start(graph: ModelGraph, site: Site) -> tuple[int, int] | None:
+    """(layer, level) of the lowest backbone activation a through-placement needs; -1 = embeddings."""
+    layers = len(graph.layers(site.stack)) if site.stack in graph.stacks else 0
+    if site.kind == "side":
+        return (layers, ATTN_IN)  # the side output joins after the last block: only the top is traversed
+    if site.kind not in THROUGH_KINDS or site.stack not in graph.stacks:
+        return None
+    if site.layer is None:
+        return (-1, ATTN_IN) if site.role == "embed" or "embed" in site.path.lower() else (layers, ATTN_IN)
+    return (site.layer, _level(graph, site))
+
+
+def _shared_inputs(placements: list[Placement], shape: BatchShape) -> float:
+    """Placements of one plugin on projections that read the same tensor (q / k / v, up / gate)
+    save that input once: autograd keeps one storage."""
+    groups: dict[tuple, list[float]] = {}
+    for plugin, site, cfg in placements:
+        group = {"attn.q": "a", "attn.k": "a", "attn.v": "a", "ffn.up": "f", "ffn.gate": "f",
+                 "xattn.k": "x", "xattn.v": "x"}.get(site.role)
+        if group and site.kind == "weight" and site.in_features:
+            own = _own_elements(plugin, site, plugin.config(site, cfg), shape)
+            if own >= shape.tokens * site.in_features:
+                groups.setdefault((plugin.name, site.stack, site.layer, group), []).append(shape.tokens * site.in_features)
+    return sum(sum(v[1:]) for v in groups.values())
+
+
+def _activations(graph: ModelGraph, placements: list[Placement], shape: BatchShape, device: str,
+                 sdpa: bool) -> dict[str, float]:
+    """fp32-equivalent elements kept for backward, by part: blocks per stack, tops, own, logits."""
+    out: dict[str, float] = {}
+    if not placements:
+        return out
+    starts: dict[str, tuple[int, int]] = {}
+    own = 0.0
+    for plugin, site, cfg in placements:
+        own += _own_elements(plugin, site, plugin.config(site, cfg), shape)
+        start = _start(graph, site)
+        if start is not None:
+            starts[site.stack] = min(start, starts.get(site.stack, start))
+    own -= _shared_inputs(placements, shape)
+    has_xattn = any(n.role == "xattn.q" for n in graph.nodes.values())
+    if has_xattn and "encoder" in starts and "decoder" in graph.stacks:  # the gradient reaches the
+        starts["decoder"] = min(starts.get("decoder", (0, XATTN_IN)), (0, XATTN_IN))  # encoder via cross-attention
+    for stack, (layer, level) in starts.items():
+        kv_grad = stack != "decoder" or "encoder" in starts
+        out[f"{stack}.blocks"] = _stack_blocks(graph, stack, layer, level, shape, device, sdpa, kv_grad)
+        out[f"{stack}.top"] = _stack_top(graph, stack, shape, embed=layer < 0)
+    out["own"] = own
+    out["logits"] = _logits(graph, shape, pooled_inputs=bool(starts))
+    return out
+
+
+def _stack_blocks(graph: ModelGraph, stack: str, layer: int, level: int, shape: BatchShape, device: str,
+                  sdpa: bool, kv_grad: bool) -> float:
+    profile = block_profile(graph, stack)
+    total = 0.0
+    for i in range(max(layer, 0), len(graph.layers(stack))):
+        start = level if i == layer else BELOW
+        total += profile.elements(shape.tokens, shape.seq, start=start, device=device, sdpa=sdpa, kv_grad=kv_grad)
+    return total
+
+
+def _stack_top(graph: ModelGraph, stack: str, shape: BatchShape, embed: bool) -> float:
+    """The stack's final norm (and T5's dropout after it); with `embed`, the embeddings' norm and dropout."""
+    profile = block_profile(graph, stack)
+    norm = shape.tokens * (profile.hidden + profile.norm_stats)
+    drop = shape.tokens * profile.hidden if profile.hidden_dropout else 0.0
+    outer = [n for n in graph.find(role="norm", stack=stack) if n.layer is None]
+    finals = [n for n in outer if "embed" not in n.path.lower() and "pre" not in n.path.split(".")[-1]]
+    total = len(finals) * norm + (drop if "t5" in graph.family and finals else 0.0)
+    if embed:
+        total += (len(outer) - len(finals)) * norm + drop
+    return total
+
+
+def _logits(graph: ModelGraph, shape: BatchShape, pooled_inputs: bool) -> float:
+    """The loss keeps the logits; a pooler (BERT) keeps its tanh output and the classifier's dropout mask."""
+    pooled = graph.info.get("model_type", "").endswith(_POOLED)
+    total = 0.0
+    for head in graph.find(role="head"):
+        total += (shape.batch if pooled else shape.tokens) * (head.out_features or 0)
+    pools = graph.find(role="pool")
+    if pools and pooled_inputs:
+        hidden = pools[0].out_features or 0
+        drop = _config_value(graph, "classifier_dropout", "hidden_dropout_prob") > 0
+        total += shape.batch * hidden * (2 if drop else 1)
+    return total
+
+
+def marginal_cost(graph: ModelGraph, plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
+    """Bytes that one placement adds to the frozen model: its trainable state, its own activations
+    and the backbone activations its gradient needs (from its position up), i.e.
+    estimate([p]) - estimate([]) without the loss' logits, which every structure pays once.
+
+    Additive approximation for the differentiable search (S3PET's n_i): exact for one placement; for
+    a set it over-counts, because the backbone activations are a maximum over placements (the
+    lowest one decides), not a sum. A structure is always re-checked with `estimate`.
+    """
+    alone = estimate(graph, [(plugin, site, cfg)], shape)
+    base = estimate(graph, [], shape)
+    return alone.total - base.total - alone.breakdown.get("logits", 0)
+
+
+@dataclass
+class MeasuredMemory:
+    """Bytes of one training step, measured. On CPU the parts add up to `total`; on CUDA `total` is
+    the allocator's peak and `activations` is what remains of it after the other parts."""
+
+    total: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    device: str = "cpu"
+
+    @property
+    def trainable_state(self) -> int:
+        return self.gradients + self.optimizer_state
+
+
+def _loss(out: Any) -> torch.Tensor:
+    """The scalar a step minimises: the model's own loss, else the mean square of its main output."""
+    loss = getattr(out, "loss", None)
+    if loss is not None:
+        return loss
+    for name in ("logits", "logits_per_image", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if value is not None:
+            return value.float().pow(2).mean()
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    return first.float().pow(2).mean()
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], optimizer: str) -> torch.optim.Optimizer:
+    import torch
+
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=1e-4)
+    raise ValueError(f"measure: unknown optimizer {optimizer!r}; valid: 'adamw', 'sgd'")
+
+
+def measure(model: nn.Module, batch: dict[str, Any], params: list[torch.nn.Parameter] | None = None,
+            optimizer: str = "adamw") -> MeasuredMemory:
+    """Memory of one forward / backward / optimizer step of `model` on `batch`.
+
+    `params` are the parameters trained (default: those with requires_grad). The model is left in
+    train mode for the step and restored afterwards; its gradients are cleared.
+    """
+    import torch
+
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("measure: nothing to train; pass params or set requires_grad on some parameters")
+    device = params[0].device
+    was_training = model.training
+    model.train()
+    try:
+        if device.type == "cuda":
+            return _measure_cuda(model, batch, params, optimizer)
+        return _measure_cpu(model, batch, params, optimizer)
+    finally:
+        model.train(was_training)
+        for p in params:
+            p.grad = None
+
+
+def _measure_cpu(model: nn.Module, batch: dict[str, Any], params: list, optimizer: str) -> MeasuredMemory:
+    import torch
+
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage data_ptr -> bytes, each storage once
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_ptrs and storage.device.type != "meta":
+            saved[ptr] = storage.nbytes()
+        return t
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model(**batch))
+    activations = sum(saved.values())
+    loss.backward()
+    opt = _make_optimizer(params, optimizer)
+    opt.step()
+    weights = sum(p.numel() * p.element_size() for p in _unique(model.parameters()))
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v))
+    return MeasuredMemory(weights + grads + state + activations, weights, grads, state, activations, "cpu")
+
+
+def _unique(params: Any) -> list:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _measure_cuda(model: nn.Module, batch: dict[str, Any], params: list, optimizer: str) -> MeasuredMemory:
+    import torch
+
+    torch.cuda.synchronize()
+    weights = sum(p.numel() * p.element_size() for p in _unique(model.parameters()))
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt = _make_optimizer(params, optimizer)
+    loss = _loss(model(**batch))
+    loss.backward()
+    opt.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if torch.is_tensor(v))
+    total = peak - base + weights  # what the step adds on top of whatever else was resident, plus weights
+    return MeasuredMemory(total, weights, grads, state, max(0, total - weights - grads - state), "cuda")

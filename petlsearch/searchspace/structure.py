@@ -1,0 +1,336 @@
+"""Structure: the placements a search found, as a versioned YAML/JSON file that can be applied.
+
+A structure records the backbone (name, family, parameter count, fingerprint), the budget, the
+placements (site, role, layer, plugin, config) and the result (trainable params, scores, memory,
+strategy, seed). Loading never executes code: `yaml.safe_load`, weights in safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from petlsearch.errors import PetlsearchError, StructureError, did_you_mean
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from petlsearch.plugins.base import PETLModule, Plugin, Site
+    from petlsearch.searchspace.graph import ModelGraph
+
+FORMAT_VERSION = 1
+MAX_FILE_BYTES = 16 * 2**20
+
+
+@dataclass
+class Placement:
+    """One module of a structure: `plugin` with `config` at site `site` (a Site.key)."""
+
+    site: str
+    plugin: str
+    config: dict[str, Any] = field(default_factory=dict)
+    role: str = ""
+    layer: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.site}@{self.plugin}"
+
+
+@dataclass
+class Backbone:
+    name: str = ""
+    family: str = ""
+    num_parameters: int = 0
+    fingerprint: str = ""
+
+    @classmethod
+    def of(cls, graph: ModelGraph, name: str = "") -> Backbone:
+        return cls(name or graph.info.get("model_type", ""), graph.family, graph.num_parameters(), graph.fingerprint())
+
+
+@dataclass
+class Structure:
+    backbone: Backbone
+    placements: list[Placement]
+    budget: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ file format
+    def to_dict(self) -> dict[str, Any]:
+        return {"petlsearch_structure": self.version, "backbone": asdict(self.backbone), "budget": self.budget,
+                "placements": [_placement_dict(p) for p in self.placements], "result": _plain(self.result)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write YAML (or JSON for a .json path)."""
+        path = Path(path)
+        data = self.to_dict()
+        text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        path.write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Structure:
+        """Read and validate a structure file; any problem is a StructureError naming the field."""
+        path = Path(path)
+        if not path.is_file():
+            raise StructureError(f"structure file {path} does not exist")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise StructureError(f"{path}: {path.stat().st_size} bytes is too large for a structure file")
+        text = path.read_text(errors="replace")
+        try:
+            data = yaml.safe_load(text)  # JSON is YAML too
+        except yaml.YAMLError as exc:
+            raise StructureError(f"{path}: not valid YAML/JSON: {_yaml_problem(exc)}") from None
+        return cls.from_dict(data, source=str(path), text=text)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>", text: str | None = None) -> Structure:
+        where = _Locator(source, text)
+        if not isinstance(data, dict):
+            raise StructureError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        version = data.get("petlsearch_structure")
+        if version != FORMAT_VERSION:
+            raise StructureError(f"{where('petlsearch_structure')}: 'petlsearch_structure' must be "
+                                 f"{FORMAT_VERSION}, got {version!r}")
+        bb = _mapping(data.get("backbone", {}), "backbone", where)
+        backbone = Backbone(
+            name=_typed(bb.get("name", ""), str, "backbone.name", where),
+            family=_typed(bb.get("family", ""), str, "backbone.family", where),
+            num_parameters=_typed(bb.get("num_parameters", 0), int, "backbone.num_parameters", where),
+            fingerprint=_typed(bb.get("fingerprint", ""), str, "backbone.fingerprint", where),
+        )
+        raw = data.get("placements")
+        if not isinstance(raw, list):
+            raise StructureError(f"{where('placements')}: 'placements' must be a list")
+        placements = [_read_placement(p, i, where) for i, p in enumerate(raw)]
+        keys = [p.key for p in placements]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise StructureError(f"{source}: placement(s) {sorted(dup)} appear twice")
+        budget = _mapping(data.get("budget", {}) or {}, "budget", where)
+        result = _mapping(data.get("result", {}) or {}, "result", where)
+        return cls(backbone, placements, budget, result, FORMAT_VERSION)
+
+    # ------------------------------------------------------------------ model side
+    def resolve(self, graph: ModelGraph, plugins: dict[str, Plugin] | None = None,
+                force: bool = False) -> list[tuple[Placement, Plugin, Site, dict[str, Any]]]:
+        """Match placements to the sites of `graph`; check the backbone and each config."""
+        from petlsearch.plugins.registry import create_plugin
+
+        fp = graph.fingerprint()
+        if self.backbone.fingerprint and self.backbone.fingerprint != fp and not force:
+            raise StructureError(
+                f"this structure was found for backbone '{self.backbone.name}' ({self.backbone.family}, "
+                f"{self.backbone.num_parameters:,} parameters, {self.backbone.fingerprint}); the model is "
+                f"{graph.family} with {graph.num_parameters():,} parameters ({fp}). Pass force=True "
+                "(--force) to place it by site name on a backbone of the same shape")
+        plugins = dict(plugins or {})
+        out = []
+        for p in self.placements:
+            plugin = plugins.get(p.plugin) or plugins.setdefault(p.plugin, create_plugin(p.plugin))
+            sites = {s.key: s for s in plugin.sites(graph)}
+            if p.site not in sites:
+                raise StructureError(f"placement {p.key}: the model has no site '{p.site}' for plugin "
+                                     f"'{p.plugin}'{did_you_mean(p.site, sites)}")
+            try:
+                cfg = plugin.config(sites[p.site], p.config)
+            except PetlsearchError as exc:
+                raise StructureError(f"placement {p.key}: {exc}") from None
+            out.append((p, plugin, sites[p.site], cfg))
+        return out
+
+    def count(self, graph: ModelGraph, plugins: dict[str, Plugin] | None = None, force: bool = True) -> int:
+        """Exact trainable parameters of the structure on `graph` (shared parameters counted once)."""
+        return count_placements([(pl, s, c) for _, pl, s, c in self.resolve(graph, plugins, force=force)])
+
+    def apply(self, model: nn.Module, graph: ModelGraph | None = None, plugins: dict[str, Plugin] | None = None,
+              force: bool = False) -> Applied:
+        """Attach every placement to `model` and return the handle to train, save, merge or detach."""
+        from petlsearch.searchspace.graph import ModelGraph
+
+        graph = graph or ModelGraph.from_model(model)
+        resolved = self.resolve(graph, plugins, force=force)
+        attached: list[tuple[Placement, PETLModule]] = []
+        try:
+            for p, plugin, site, cfg in resolved:
+                attached.append((p, plugin.attach(model, site, cfg)))
+        except Exception:
+            for _, m in reversed(attached):
+                m.uninstall()
+            raise
+        return Applied(attached)
+
+
+def count_placements(items: list[tuple[Plugin, Site, dict[str, Any]]]) -> int:
+    """Sum of per-placement counts plus each shared part once (see Plugin.shared_key)."""
+    total = 0
+    shared: dict[tuple[str, Any], int] = {}
+    for plugin, site, cfg in items:
+        total += plugin.count(site, cfg)
+        key = plugin.shared_key(site, cfg)
+        if key is not None:
+            shared[(plugin.name, key)] = plugin.shared_count(site, cfg)
+    return total + sum(shared.values())
+
+
+class Applied:
+    """The modules a structure attached: trainable parameters, gates, weights I/O, merge, detach."""
+
+    def __init__(self, modules: list[tuple[Placement, PETLModule]]) -> None:
+        self.modules = modules
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        seen, out = set(), []
+        for _, m in self.modules:
+            for p in m.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def trainable_count(self) -> int:
+        """Each module's own count (sparse modules: unmasked entries) plus shared parts once."""
+        own = sum(m.trainable_count() for _, m in self.modules)
+        shared = {id(p): p.numel() for _, m in self.modules for name, child in m.named_children()
+                  if name.startswith("shared_") for p in child.parameters() if p.requires_grad}
+        return own + sum(shared.values())
+
+    def set_gates(self, value: float) -> None:
+        for _, m in self.modules:
+            m.gate = value
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{p.key}/{k}": v.detach().contiguous() for p, m in self.modules for k, v in m.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for p, m in self.modules:
+            prefix = f"{p.key}/"
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            missing = set(m.state_dict()) - set(own)
+            if missing:
+                raise StructureError(f"weights for {p.key} lack {sorted(missing)[:3]}")
+            m.load_state_dict(own)
+
+    def save_weights(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        state = self.state_dict()
+        seen: dict[int, str] = {}
+        unique = {}
+        for k, v in state.items():  # safetensors refuses shared storage: store each tensor once
+            ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
+            unique[k] = v.clone() if ptr in seen else v
+            seen.setdefault(ptr, k)
+        save_file(unique, str(path))
+        return Path(path)
+
+    def load_weights(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(path)))
+
+    def merge(self) -> None:
+        for _, m in self.modules:
+            m.merge()
+        self.modules = []
+
+    def detach(self) -> None:
+        for _, m in reversed(self.modules):
+            m.uninstall()
+        self.modules = []
+
+
+# ---------------------------------------------------------------------- validation helpers
+class _Locator:
+    """Turns a field path into 'file:line' using the YAML node tree, when the text is known."""
+
+    def __init__(self, source: str, text: str | None) -> None:
+        self.source = source
+        self.root = None
+        if text is not None:
+            try:
+                self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+            except yaml.YAMLError:
+                self.root = None
+
+    def __call__(self, *path: Any) -> str:
+        node = self.root
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == part), node)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        return f"{self.source}{line}"
+
+
+def _mapping(value: Any, name: str, where: _Locator) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StructureError(f"{where(name)}: '{name}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _typed(value: Any, kind: type, name: str, where: _Locator) -> Any:
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise StructureError(f"{where(*name.split('.'))}: '{name}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_placement(raw: Any, i: int, where: _Locator) -> Placement:
+    if not isinstance(raw, dict):
+        raise StructureError(f"{where('placements', i)}: placements[{i}] must be a mapping")
+    for key in ("site", "plugin"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise StructureError(f"{where('placements', i)}: placements[{i}].{key} must be a non-empty string")
+    config = raw.get("config", {}) or {}
+    if not isinstance(config, dict):
+        raise StructureError(f"{where('placements', i, 'config')}: placements[{i}].config must be a mapping")
+    for k, v in config.items():
+        if not _is_plain(v):
+            raise StructureError(f"{where('placements', i, 'config')}: placements[{i}].config.{k} has "
+                                 f"an unsupported value {v!r}")
+    layer = raw.get("layer")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise StructureError(f"{where('placements', i)}: placements[{i}].layer must be an integer")
+    return Placement(raw["site"], raw["plugin"], dict(config), str(raw.get("role", "")), layer)
+
+
+def _is_plain(v: Any) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return abs(v) < 2**53
+    if isinstance(v, (str, bool)) or v is None:
+        return True
+    if isinstance(v, (list, tuple)):
+        return len(v) <= 1024 and all(_is_plain(x) for x in v)
+    return False
+
+
+def _placement_dict(p: Placement) -> dict[str, Any]:
+    return {"site": p.site, "plugin": p.plugin, "role": p.role, "layer": p.layer, "config": _plain(p.config)}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, numpy/torch scalars to Python, so safe_dump writes plain YAML."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark else str(problem)

@@ -1,0 +1,212 @@
+"""The Strategy protocol, the search context every strategy receives, and the common SearchResult.
+
+A strategy proposes structures (lists of Placements) that fit the budget and asks the context to
+evaluate them; `SearchContext.evaluate` trains one trial, records it as complete, pruned or failed
+(an exception or a NaN never stops the search), and appends it to the run's journal so that an
+interrupted search resumes without rerunning finished trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from petlsearch.errors import BudgetError, PetlsearchError, did_you_mean
+from petlsearch.plugins.base import BatchShape
+from petlsearch.searchspace.structure import Placement
+from petlsearch.strategies.journal import Journal
+
+if TYPE_CHECKING:
+    from petlsearch.runners.tasks import Task
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.runners.trial import TrialOutcome
+    from petlsearch.searchspace.budget import Budget
+    from petlsearch.searchspace.space import SearchSpace
+
+log = logging.getLogger(__name__)
+STRATEGIES = {
+    "random": "petlsearch.strategies.random:RandomSearch",
+    "optuna": "petlsearch.strategies.optuna:OptunaSearch",
+    "ray": "petlsearch.strategies.ray_tune:RayTuneSearch",
+    "s3pet": "petlsearch.strategies.s3pet:S3PETSearch",
+}
+
+
+@dataclass
+class TrialRecord:
+    """One evaluated structure. status: complete | pruned | failed."""
+
+    number: int
+    placements: list[dict[str, Any]]
+    params: int
+    status: str
+    score: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+    memory: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+    def structure(self) -> list[Placement]:
+        return [Placement(**p) for p in self.placements]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialRecord:
+        d = dict(d)
+        d["intermediate"] = [tuple(x) for x in d.get("intermediate", [])]
+        return cls(**d)
+
+
+@dataclass
+class SearchResult:
+    strategy: str
+    best: list[Placement]
+    history: list[TrialRecord]
+    pareto: list[TrialRecord]
+    seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best_record(self) -> TrialRecord | None:
+        done = [r for r in self.history if r.status == "complete" and r.score is not None]
+        return max(done, key=lambda r: (r.score, -r.params)) if done else None
+
+
+def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Complete trials not dominated in (higher score, fewer params), sorted by params."""
+    done = sorted((r for r in records if r.status == "complete" and r.score is not None),
+                  key=lambda r: (r.params, -r.score))
+    front, best = [], -math.inf
+    for r in done:
+        if r.score > best:
+            front.append(r)
+            best = r.score
+    return front
+
+
+@dataclass
+class SearchContext:
+    """What a strategy needs: the space and budget, how to evaluate a structure, where to record."""
+
+    space: SearchSpace
+    budget: Budget
+    task: Task | None
+    fidelity: TrainConfig
+    n_trials: int = 8
+    seed: int = 0
+    out_dir: Path | None = None
+    timeout: float | None = None
+    shape: BatchShape = field(default_factory=BatchShape)
+    objective: Callable[..., TrialOutcome] | None = None  # (placements, report) -> TrialOutcome
+    progress: Callable[[str], None] | None = None
+    _journal: Journal | None = field(default=None, repr=False)
+    _start: float = field(default_factory=time.monotonic, repr=False)
+
+    @property
+    def journal(self) -> Journal | None:
+        if self._journal is None and self.out_dir is not None:
+            self._journal = Journal(Path(self.out_dir) / "trials.jsonl")
+        return self._journal
+
+    def finished(self) -> dict[int, TrialRecord]:
+        """Trials that ended (complete, pruned or failed) in an earlier run of this search."""
+        if self.journal is None:
+            return {}
+        return {r["number"]: TrialRecord.from_dict(r) for r in self.journal.records() if r.get("status") != "running"}
+
+    def out_of_time(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self._start > self.timeout
+
+    def limit(self) -> int | None:
+        return self.budget.max_params(self.space.backbone_params)
+
+    def check_fits(self, placements: Sequence[Placement]) -> int:
+        """The exact count of `placements`; raise if over budget (strategies must never return that)."""
+        n = self.space.count(placements)
+        if not self.space.fits(placements, self.budget, self.shape):
+            raise BudgetError(f"structure with {n:,} parameters exceeds {self.budget.describe(self.space.backbone_params)}")
+        return n
+
+    def evaluate(self, number: int, placements: Sequence[Placement],
+                 report: Callable[[int, float], bool] | None = None) -> TrialRecord:
+        """Train and score one structure; never raises for a failing trial, records it instead."""
+        params = self.check_fits(placements)
+        plain = [asdict(p) for p in placements]
+        memory = self.space.memory(placements, self.shape) if self.budget.memory is not None else None
+        if self.journal is not None:
+            self.journal.append({"number": number, "status": "running", "placements": plain, "params": params})
+        seen: list[tuple[int, float]] = []
+
+        def on_report(step: int, score: float) -> bool:
+            seen.append((step, score))
+            return bool(report(step, score)) if report is not None else False
+
+        start = time.perf_counter()
+        try:
+            outcome = self.objective(placements, on_report)
+            if not math.isfinite(outcome.score):
+                raise FloatingPointError(f"score is {outcome.score}")
+            status = "pruned" if outcome.pruned else "complete"
+            record = TrialRecord(number, plain, params, status, outcome.score, outcome.metrics, seen, memory,
+                                 time.perf_counter() - start)
+        except (KeyboardInterrupt, PetlsearchError):
+            raise
+        except Exception as exc:  # a trial that raises or diverges is recorded, the search goes on
+            log.warning("trial %d failed: %s: %s", number, type(exc).__name__, exc)
+            record = TrialRecord(number, plain, params, "failed", None, {}, seen, memory,
+                                 time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+            log.debug("%s", traceback.format_exc())
+        if self.journal is not None:
+            self.journal.append(record.to_dict())
+        if self.progress is not None:
+            score = "failed" if record.score is None else f"{record.score:.4f}"
+            self.progress(f"trial {number}: {record.status} score={score} params={params:,}")
+        return record
+
+
+class Strategy:
+    """A search strategy: `run(ctx)` returns a SearchResult whose best structure fits ctx.budget.
+
+    Constructors store their options unchanged; all state is made in `run`.
+    """
+
+    name: ClassVar[str] = ""
+
+    def run(self, ctx: SearchContext) -> SearchResult:
+        raise NotImplementedError
+
+    def result(self, ctx: SearchContext, history: list[TrialRecord], start: float, **extras: Any) -> SearchResult:
+        """The common SearchResult: best complete trial (highest score, then fewest params)."""
+        history = sorted(history, key=lambda r: r.number)
+        done = [r for r in history if r.status == "complete" and r.score is not None]
+        if not done:
+            raise PetlsearchError(f"{self.name}: no trial completed ({len(history)} ran; see trials.jsonl "
+                                  "and the log for their errors)")
+        best = max(done, key=lambda r: (r.score, -r.params))
+        return SearchResult(self.name, best.structure(), history, pareto_front(history),
+                            time.monotonic() - start, extras)
+
+
+def get_strategy(name: str, **options: Any) -> Strategy:
+    """A strategy by name (random, optuna, ray, s3pet) or 'package.module:Class'."""
+    import importlib
+
+    spec = STRATEGIES.get(name, name if ":" in name else None)
+    if spec is None:
+        raise PetlsearchError(f"unknown strategy '{name}'{did_you_mean(name, STRATEGIES)}; "
+                              f"choose one of {', '.join(STRATEGIES)}")
+    module, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PetlsearchError(f"strategy '{name}' is not available: {exc}") from exc
+    return cls(**options)
