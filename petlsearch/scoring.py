@@ -115,7 +115,8 @@ def _units(batches: Iterable[Batch], per_sample: bool, num_samples: int | None) 
 
 
 def _device_batch(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """On the model's device, contiguous (some models view() their labels)."""
+    return {k: v.to(device).contiguous() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -223,7 +223,7 @@ def _level(graph: ModelGraph, site: Site) -> int:
         cross = any(n.role == "xattn.q" for n in graph.find(stack=site.stack, layer=site.layer))
         attn = re.search(r"before|norm1|ln_1|input_layernorm|attention|layer\.0\.", site.path)
         sub = (ATTN_IN if attn else XATTN_IN if cross and "layer.1." in site.path else FFN_IN)
-        return sub + 1 if graph.family in _POST_LN else sub
+        return sub + 1 if graph.family in _POST_LN else sub - 1  # a norm's own backward needs its input
     return _ROLE_LEVEL.get(site.role, ATTN_IN)
 
 
