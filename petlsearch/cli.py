@@ -98,36 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_model(name: str) -> Any:
-    """A model for `graph`: the packaged defaults, a local folder, a hub name, or a config on meta."""
-    from petlsearch.runners.tasks import IMAGE_MODELS, TEXT_MODELS
-
-    if name.lower() in TEXT_MODELS:
-        from petlsearch.runners.tasks import _text_model
-
-        return _text_model(name, 2)[1]()
-    if name.lower() in IMAGE_MODELS:
-        from petlsearch.runners.data import efficientnet_lite0
-
-        return efficientnet_lite0(10)
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except OSError as exc:
-        raise PetlsearchError(f"unknown model '{name}': {str(exc).splitlines()[0][:150]}") from None
-    with torch.device("meta"):  # the structure needs shapes only: no memory, no weights
-        return AutoModel.from_config(config)
-
-
 def cmd_graph(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from petlsearch.searchspace.graph import ModelGraph
 
     console = _console()
-    graph = ModelGraph.from_model(_build_model(args.model))
+    from petlsearch.runners.tasks import build_model
+
+    graph = ModelGraph.from_model(build_model(args.model))
     table = Table(title=f"{args.model}: {graph.family}, {graph.num_parameters():,} backbone parameters")
     for col in ("name", "role", "layer", "type", "in", "out", "params"):
         table.add_column(col)

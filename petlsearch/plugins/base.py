@@ -259,9 +259,15 @@ class WeightDelta(PETLModule):
         name = self.site.param or "weight"
         if getattr(target, name, None) is None:
             raise PluginError(f"site '{self.site.key}': {type(target).__name__} has no parameter '{name}'")
-        self._param_order = list(target._parameters)  # torch re-adds the weight last on removal
-        parametrize.register_parametrization(target, name, _Parametrization(self), unsafe=True)
-        self._hosts.append(target)
+        # a tied parameter (GPT-2's wte / lm_head) changes everywhere it is used, so that the forward
+        # matches merging the update into it
+        param = _raw_parameter(target, name)
+        tied = [m for m in model.modules() if m is not target and _raw_parameter(m, name) is param]
+        self._param_orders: dict[int, list[str]] = {}
+        for host in [target, *tied]:
+            self._param_orders[id(host)] = list(host._parameters)  # torch re-adds the weight last on removal
+            parametrize.register_parametrization(host, name, _Parametrization(self), unsafe=True)
+            self._hosts.append(host)
 
     def uninstall(self) -> None:
         from torch.nn.utils import parametrize
@@ -274,7 +280,7 @@ class WeightDelta(PETLModule):
             parametrize.remove_parametrizations(target, name, leave_parametrized=False)
             for owner in others:  # torch removes all of a tensor's parametrizations at once
                 parametrize.register_parametrization(target, name, _Parametrization(owner), unsafe=True)
-            _restore_order(target, getattr(self, "_param_order", []))
+            _restore_order(target, getattr(self, "_param_orders", {}).get(id(target), []))
         self._hosts.clear()
 
     def delta_weight(self) -> torch.Tensor:
@@ -298,6 +304,15 @@ class WeightDelta(PETLModule):
             target.parametrizations[name].original.data += delta
         else:
             getattr(target, name).data += delta
+
+
+def _raw_parameter(module: nn.Module, name: str) -> Any:
+    """The stored parameter `name` of `module` (under any parametrization), or None."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return module._parameters.get(name)
 
 
 def _restore_order(module: nn.Module, order: list[str]) -> None:

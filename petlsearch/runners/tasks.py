@@ -210,3 +210,21 @@ def _limit(splits: D.Splits, limit: int, seed: int) -> D.Splits:
     small = max(limit // 8, 2 * len(splits.classes))
     return D.Splits(*cut(splits.x_train, splits.y_train, limit), *cut(splits.x_val, splits.y_val, small),
                     *cut(splits.x_test, splits.y_test, small), splits.classes)
+
+
+def build_model(name: str) -> nn.Module:
+    """A model by name for inspection and export: the packaged defaults with weights, or any other
+    config (local folder or hub name) built on the meta device (shapes only, no memory)."""
+    if name.lower() in TEXT_MODELS:
+        return _text_model(name, 2)[1]()
+    if name.lower() in IMAGE_MODELS:
+        return D.efficientnet_lite0(10)
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise TaskError(f"unknown model '{name}': {str(exc).splitlines()[0][:150]}") from None
+    with torch.device("meta"):
+        return AutoModel.from_config(config)

@@ -1,0 +1,352 @@
+"""S3PET's supernet, after "Sparse Structure Search for Parameter-Efficient Tuning" (Hu et al.,
+NeurIPS 2022): every candidate of a search space attached at once to one model, at fixed sizes,
+each gated by the keep probability of its structural parameter alpha_i (see gates.py), plus the
+budget equations and the split of the training data that the bi-level search needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from petlsearch.errors import BudgetError, PetlsearchError
+from petlsearch.plugins.dims import IntDim
+from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, solve_shift
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+    from petlsearch.runners.tasks import Task
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.searchspace.budget import Budget
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.space import Candidate, SearchSpace
+    from petlsearch.searchspace.structure import Placement
+    from petlsearch.strategies.base import SearchContext
+
+
+@dataclass
+class Arm:
+    """One supernet candidate: a placement at a fixed size, its parameter cost n_i, its module."""
+
+    name: str
+    placement: Placement
+    cost: float
+    candidate: Candidate
+    module: PETLModule | None = None
+
+
+@dataclass
+class Constraint:
+    """sum_i costs_i p_i = budget for one budget (parameters, or bytes of training memory)."""
+
+    unit: str
+    costs: torch.Tensor  # (N,) float64 on the CPU
+    budget: float
+
+
+class Supernet:
+    """Every arm attached at once to one model; a forward pre-hook sets every gate before each
+    forward (sampled in training mode, deterministic in eval mode), so a training step costs one
+    forward and backward of the model with all modules installed: nothing is rebuilt per step."""
+
+    def __init__(self, model: nn.Module, graph: ModelGraph, arms: list[Arm], constraints: list[Constraint],
+                 device: torch.device, gate: str, stretch: tuple[float, float], implicit: bool, seed: int) -> None:
+        self.model, self.graph, self.arms, self.constraints = model, graph, arms, constraints
+        self.device, self.gate, self.stretch, self.implicit = device, gate, stretch, implicit
+        self.alpha = torch.zeros(len(arms), device=device, requires_grad=True)  # as the authors: all equal
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.beta = 1.0
+        self.arch_grad = False  # gates carry alpha's gradient (alpha steps only)
+        self.fixed: list[float] | None = None  # gates pinned to these values (tests, ablations)
+        self.last_loss: torch.Tensor | None = None
+        self.last_gates: list[float] = []
+        self._cache: tuple[Any, tuple[float | None, Constraint | None]] | None = None
+        self._replay: torch.Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.arms]
+
+    @property
+    def unit(self) -> str:
+        return "+".join(c.unit for c in self.constraints) or "none"
+
+    def describe_budget(self) -> str:
+        parts = [f"sum {c.unit} {float(c.costs.sum()):,.0f} for a budget of {c.budget:,.0f}" for c in self.constraints]
+        return "; ".join(parts) or "no limit"
+
+    def set_beta(self, beta: float) -> None:
+        self.beta = float(beta)
+
+    # ------------------------------------------------------------------ probabilities
+    def shift(self) -> tuple[float | None, Constraint | None]:
+        """The shift b of the binding budget (the largest b satisfies every budget), cached until
+        alpha or beta change."""
+        key = (self.alpha._version, self.beta)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        a = self.alpha.detach().double().cpu().numpy()
+        best: tuple[float | None, Constraint | None] = (None, None)
+        for c in self.constraints:
+            b = solve_shift(a, c.costs.numpy(), c.budget, self.beta)
+            if b is not None and (best[0] is None or b > best[0]):
+                best = (b, c)
+        self._cache = (key, best)
+        return best
+
+    def logits(self) -> torch.Tensor:
+        b, c = self.shift()
+        costs = c.costs if c is not None else torch.zeros(len(self.arms), dtype=torch.float64)
+        return shift_logits(self.alpha, costs, b, self.beta, self.implicit)
+
+    def probabilities(self) -> list[float]:
+        with torch.no_grad():
+            return torch.sigmoid(self.logits()).cpu().tolist()
+
+    def mean_gates(self) -> list[float]:
+        with torch.no_grad():
+            return mean_gates(self.logits(), self.stretch).cpu().tolist()
+
+    def expected_use(self) -> float:
+        """sum_i n_i p_i / budget of the binding budget (1 by construction, unless all fits)."""
+        c = self.shift()[1] or (self.constraints[0] if self.constraints else None)
+        return float(c.costs @ torch.tensor(self.probabilities(), dtype=torch.float64)) / c.budget if c else 0.0
+
+    def sampled_use(self) -> float:
+        """The cost of the modules the last weight step's gates kept (gate > 0), over the budget."""
+        c = self.shift()[1] or (self.constraints[0] if self.constraints else None)
+        if c is None or not self.last_gates:
+            return 0.0
+        on = torch.tensor([g > 0 for g in self.last_gates], dtype=torch.float64)
+        return float(c.costs @ on) / c.budget
+
+    # ------------------------------------------------------------------ gates
+    def _before(self, _model: nn.Module, _args: tuple) -> None:
+        if self.fixed is not None:
+            self._set(list(self.fixed), None)
+        elif not self.model.training:
+            self._set(self.mean_gates(), None)
+        else:
+            if self._replay is not None:
+                self.generator.set_state(self._replay)
+            with torch.set_grad_enabled(self.arch_grad):
+                z = sample_gates(self.logits(), self.gate, self.stretch, self.generator)
+            values = z.detach().cpu().tolist()
+            if not self.arch_grad:
+                self.last_gates = values
+            self._set(values, z if self.arch_grad else None)
+
+    def _set(self, values: list[float], z: torch.Tensor | None) -> None:
+        """Python floats where no gradient is needed (a gate of exactly 0 or 1 is clamped: its
+        gradient is 0), so gated-off modules are skipped and gate-1 modules take the fast path."""
+        parts = z.unbind() if z is not None else None
+        for i, (arm, v) in enumerate(zip(self.arms, values)):
+            if parts is not None and (self.gate == "straight_through" or 0.0 < v < 1.0):
+                arm.module.gate = parts[i]
+            else:
+                arm.module.gate = float(v)
+
+    def _after(self, _model: nn.Module, _args: tuple, out: Any) -> None:
+        loss = getattr(out, "loss", None)
+        if self.model.training and not self.arch_grad and loss is not None:
+            self.last_loss = loss.detach()
+
+    @contextlib.contextmanager
+    def same_noise(self) -> Iterator[None]:
+        """Every forward inside draws the same gate noise u (one sample per unrolled step)."""
+        self._replay = self.generator.get_state()
+        try:
+            yield
+        finally:
+            self._replay = None
+
+    # ------------------------------------------------------------------ parameters
+    def groups(self, cfg: TrainConfig) -> list[tuple[list[nn.Parameter], float]]:
+        from petlsearch.runners.trainer import head_parameters
+
+        seen: set[int] = set()
+        modules = [p for a in self.arms for p in a.module.parameters()
+                   if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
+        head = head_parameters(self.model, self.graph) if cfg.train_head else []
+        for p in head:
+            p.requires_grad_(True)
+        self._weights = modules + head
+        return [(modules, cfg.lr), (head, cfg.head_lr)]
+
+    def weights(self) -> list[nn.Parameter]:
+        return self._weights
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int, device: torch.device,
+                   gate: str, stretch: tuple[float, float], implicit: bool) -> Supernet:
+    """A fresh model with a frozen backbone and every arm of `ctx.space` attached."""
+    from petlsearch.runners.trainer import freeze_backbone
+    from petlsearch.runners.trial import PREPARE_BATCHES, clone_plugin
+    from petlsearch.searchspace.graph import ModelGraph
+
+    arms = expand_arms(ctx.space, ctx.budget, ctx.shape, sizes)
+    if not arms:
+        raise BudgetError(f"s3pet: no candidate fits the budget {ctx.budget.describe(ctx.space.backbone_params)}")
+    model = task.make_model()
+    freeze_backbone(model)
+    model.to(device)
+    graph = ModelGraph.from_model(model)
+    plugins = {name: clone_plugin(p) for name, p in ctx.space.plugins.items()}
+    for name in {a.placement.plugin for a in arms}:
+        if plugins[name].needs_data:
+            plugins[name].prepare(model, itertools.islice(task.batches("train", cfg.batch_size, seed=cfg.seed),
+                                                          PREPARE_BATCHES))
+    variants: dict[str, int] = {}
+    for arm in arms:
+        k = variants.get(arm.placement.key, 0)
+        arm.module = _attach(plugins[arm.placement.plugin], model, arm.candidate.site, arm.placement.config, k)
+        variants[arm.placement.key] = k + 1
+    return Supernet(model, graph, arms, constraints(ctx, arms), device, gate, stretch, implicit, ctx.seed)
+
+
+def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], variant: int) -> PETLModule:
+    """plugin.attach, except that a second size at the same site is installed under its own
+    child name (petl_<plugin>_size<k>), so that both can live in the supernet."""
+    if variant == 0:
+        return plugin.attach(model, site, cfg)
+    module = plugin.build(site, plugin.config(site, cfg))
+    module.plugin_name = f"{plugin.name}_size{variant}"
+    ref = next(model.get_submodule(site.path).parameters(), None)
+    ref = ref if ref is not None else next(model.parameters())
+    module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    module.train(model.training)
+    module.install(model)
+    return module
+
+
+def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: int) -> list[Arm]:
+    """Each candidate at its default size (sizes=1) or at up to `sizes` sizes; an arm that cannot
+    fit the budget on its own is left out (at sizes=1 the smallest size replaces a default that
+    does not fit)."""
+    arms = []
+    for cand in space.candidates:
+        plugin = space.plugins[cand.plugin]
+        configs = size_configs(plugin, cand, sizes)
+        if sizes == 1:
+            configs.append(plugin.config(cand.site, cand.min_config))
+        kept = 0
+        for cfg in configs:
+            placement = cand.placement(cfg)
+            if space.fits([placement], budget, shape) and (sizes > 1 or kept == 0):
+                size = ",".join(f"{k}={cfg[k]}" for k in _size_dims(plugin, cand)) if sizes > 1 else ""
+                arms.append(Arm(f"{cand.key}[{size}]" if size else cand.key, placement, 0.0, cand))
+                kept += 1
+    _set_param_costs(space, arms)
+    return arms
+
+
+def size_configs(plugin: Plugin, cand: Candidate, n: int) -> list[dict[str, Any]]:
+    """Up to `n` configs from small to large: the dims that change the count move together along
+    their Dim.values(n); other dims keep their defaults. n=1: the default config."""
+    default = plugin.config(cand.site)
+    dims = _size_dims(plugin, cand)
+    if n <= 1 or not dims:
+        return [default]
+    values = {k: cand.dims[k].values(n) for k in dims}
+    configs, counts = [], set()
+    for j in range(n):
+        override = {k: v[round(j * (len(v) - 1) / (n - 1))] for k, v in values.items()}
+        try:
+            cfg = plugin.config(cand.site, override)
+        except PetlsearchError:
+            continue
+        count = plugin.count(cand.site, cfg)
+        if count not in counts:
+            counts.add(count)
+            configs.append(cfg)
+    return configs or [default]
+
+
+def _size_dims(plugin: Plugin, cand: Candidate) -> list[str]:
+    """Integer dims whose value changes the candidate's parameter count (LoRA's rank, not alpha)."""
+    out = []
+    for k, d in cand.dims.items():
+        if isinstance(d, IntDim) and d.low < d.high:
+            try:
+                low = plugin.count(cand.site, plugin.config(cand.site, {k: d.low}))
+                high = plugin.count(cand.site, plugin.config(cand.site, {k: d.high}))
+            except PetlsearchError:
+                continue
+            if low != high:
+                out.append(k)
+    return out
+
+
+def _set_param_costs(space: SearchSpace, arms: list[Arm]) -> None:
+    """n_i = the arm's own count plus its share of a part shared between placements (split
+    evenly over the arms that share it; the discretisation counts it exactly, once)."""
+    sharing: dict[tuple[str, Any], list[Arm]] = {}
+    for arm in arms:
+        plugin, site, cfg = space.plugins[arm.placement.plugin], arm.candidate.site, arm.placement.config
+        arm.cost = float(plugin.count(site, cfg))
+        key = plugin.shared_key(site, cfg)
+        if key is not None:
+            sharing.setdefault((plugin.name, key), []).append(arm)
+    for group in sharing.values():
+        first = group[0]
+        shared = space.plugins[first.placement.plugin].shared_count(first.candidate.site, first.placement.config)
+        for arm in group:
+            arm.cost += shared / len(group)
+
+
+def constraints(ctx: SearchContext, arms: list[Arm]) -> list[Constraint]:
+    """The budget equations: parameters (n_i = exact counts) and, under a memory budget, bytes
+    (n_i = searchspace.memory.marginal_cost, an additive upper bound, against the memory left
+    after the frozen model and the logits)."""
+    out = []
+    limit = ctx.budget.max_params(ctx.space.backbone_params)
+    if limit is not None:
+        out.append(Constraint("params", torch.tensor([a.cost for a in arms], dtype=torch.float64), float(limit)))
+    if ctx.budget.memory is not None:
+        from petlsearch.searchspace.memory import estimate, marginal_cost
+
+        space, shape = ctx.space, ctx.shape
+        resolved = [(space.plugins[a.placement.plugin], a.candidate.site, a.placement.config) for a in arms]
+        fixed = estimate(space.graph, [], shape).total + estimate(space.graph, resolved[:1], shape).breakdown.get("logits", 0)
+        costs = [marginal_cost(space.graph, p, s, c, shape) for p, s, c in resolved]
+        if ctx.budget.memory <= fixed:
+            raise BudgetError(f"s3pet: the memory budget {ctx.budget.memory:,} B leaves nothing for modules "
+                              f"(the frozen model and its logits need {fixed:,} B)")
+        out.append(Constraint("memory", torch.tensor(costs, dtype=torch.float64), float(ctx.budget.memory - fixed)))
+    return out
+
+
+def split_train(task: Task, holdout: float, seed: int) -> tuple[Task, Task]:
+    """(weights task, alphas task): the training split cut in two, stratified when possible; both
+    keep the validation and test splits and share the cached backbone."""
+    from sklearn.model_selection import train_test_split
+
+    x, y = task.splits.split("train")
+    idx = np.arange(len(y))
+    if len(idx) < 2:
+        raise PetlsearchError("s3pet needs at least 2 training examples to hold some out for the alphas")
+    try:
+        keep, held = train_test_split(idx, test_size=holdout, stratify=y, random_state=seed)
+    except ValueError:  # a class too small to stratify
+        keep, held = train_test_split(idx, test_size=holdout, random_state=seed)
+
+    def part(ids: np.ndarray) -> Task:
+        ids = np.sort(ids)
+        xs = [x[i] for i in ids] if isinstance(x, list) else x[ids]
+        return replace(task, splits=replace(task.splits, x_train=xs, y_train=y[ids]))
+
+    return part(keep), part(held)
