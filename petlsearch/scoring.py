@@ -277,7 +277,7 @@ def local_intrinsic_dimension(model: nn.Module, batches: Iterable[Batch], submod
     For each submodule, its parameters are trained alone for `steps` Adam steps on the batches:
     once as a full update, and once per d in `dims` as theta_0 + P z with a fixed random P
     (D x d, entries N(0, 1/d)); the gain is the drop of the mean loss over the batches. The model
-    itself is never changed (torch.func.functional_call). Needs a real loss: labelled batches or
+    itself is left unchanged (its parameters are swapped for the trial tensors). Needs a real loss: labelled batches or
     `loss`. A dense P costs D x max(dims) floats, so keep `dims` small for large submodules.
     """
     batches = [_device_batch(b, _device(model)) for b in batches]
@@ -299,18 +299,31 @@ def local_intrinsic_dimension(model: nn.Module, batches: Iterable[Batch], submod
     return results
 
 
-def _mean_loss(model: nn.Module, batches: list[Batch], params: dict[str, torch.Tensor], loss_fn: Loss) -> float:
-    from torch.func import functional_call
+@contextlib.contextmanager
+def _swapped(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run the model with some parameters replaced by tensors (differentiable in those tensors);
+    each key keeps its place, so the model is exactly as before afterwards."""
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            module_path, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_path)
+            saved.append((module, attr, module._parameters[attr]))
+            module._parameters[attr] = tensor  # type: ignore[assignment]
+        yield
+    finally:
+        for module, attr, param in reversed(saved):
+            module._parameters[attr] = param
 
-    with torch.no_grad():
-        return sum(float(loss_fn(functional_call(model, params, args=(), kwargs=b), b)) for b in batches) / len(batches)
+
+def _mean_loss(model: nn.Module, batches: list[Batch], params: dict[str, torch.Tensor], loss_fn: Loss) -> float:
+    with torch.no_grad(), _swapped(model, params):
+        return sum(float(loss_fn(model(**b), b)) for b in batches) / len(batches)
 
 
 def _train_subspace(model: nn.Module, batches: list[Batch], base: dict[str, torch.Tensor], d: int | None,
                     steps: int, lr: float, loss_fn: Loss, seed: int) -> float:
     """Train the update of `base` (full if d is None, else in a random d-dim subspace); final loss."""
-    from torch.func import functional_call
-
     g = torch.Generator().manual_seed(seed)
     if d is None:
         deltas = {n: torch.zeros_like(w, requires_grad=True) for n, w in base.items()}
@@ -331,7 +344,8 @@ def _train_subspace(model: nn.Module, batches: list[Batch], base: dict[str, torc
         for step in range(steps):
             b = batches[step % len(batches)]
             opt.zero_grad()
-            loss_fn(functional_call(model, params(), args=(), kwargs=b), b).backward()
+            with _swapped(model, params()):
+                loss_fn(model(**b), b).backward()
             opt.step()
     with torch.no_grad():
         final = params()

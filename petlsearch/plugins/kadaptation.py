@@ -73,7 +73,7 @@ class KAdaptation(Plugin):
     def dims(self, site: Site) -> dict[str, Dim]:
         ns = self._ns(site)
         rows, cols = site.get("shape")
-        high = max(1, min(self.max_rank, min(rows, cols) // max(ns)))
+        high = max(1, min(self.max_rank, min(rows, cols) // min(ns)))
         return {
             "n": ChoiceDim("n", default=4 if 4 in ns else ns[0], choices=ns,
                            help="number of Kronecker products (A_i are n x n); divides both weight dims"),

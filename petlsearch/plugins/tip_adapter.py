@@ -77,7 +77,8 @@ class TipAdapter(Plugin):
             "shots": IntDim("shots", default=self.max_shots, low=1, high=self.max_shots, log=True,
                             help="cached examples per class (N = shots x classes)"),
             "alpha": FloatDim("alpha", default=1.0, low=0.0, high=10.0, help="weight of the cache's logits"),
-            "beta": FloatDim("beta", default=5.5, low=0.1, high=20.0, log=True, help="sharpness of the affinities"),
+            "beta": FloatDim("beta", default=5.5, low=0.1, high=100.0, log=True,
+                              help="sharpness of the affinities (its scale depends on how spread the features are)"),
             "finetune_keys": ChoiceDim("finetune_keys", default=False, choices=(False, True),
                                        help="Tip-Adapter-F: train the cache keys"),
         }

@@ -149,9 +149,10 @@ class VisualQueryTuning(Plugin):
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         """The block runs on T + n tokens that now need a gradient (the whole block's activations;
-        the fused attention path also keeps the mask), and the readout keeps the query outputs."""
+        the fused attention path also keeps the mask), and the readout keeps the query outputs, a
+        view that holds the block's whole output (B, T + n, h) alive."""
         n, profile = cfg["queries"], site.get("profile")
         seq = shape.seq + n
         block = profile.elements(shape.batch * seq, seq)
         mask = 0 if profile.attn_dropout else shape.batch * seq * seq
-        return int(block + mask + shape.batch * n * site.in_features)
+        return int(block + mask + shape.batch * seq * site.in_features)

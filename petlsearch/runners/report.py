@@ -54,8 +54,7 @@ def structure_heatmap(placements: Sequence[Placement], counts: Sequence[int], pa
         ax.text(c, r, "\n".join(sorted(set(names))), ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(im, ax=ax, label="trainable parameters")
     ax.set_title(title or "structure: trainable parameters by layer and site", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 

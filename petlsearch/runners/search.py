@@ -99,7 +99,8 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
 
 
 def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any]) -> Path | None:
-    """Create the run folder; an existing one needs --resume and the same arguments."""
+    """Create the run folder; an existing one needs --resume and the same arguments (the number of
+    trials may grow: resuming with more trials extends the search)."""
     if out is None:
         return None
     out = Path(out)
@@ -109,7 +110,7 @@ def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any]) -> 
             raise PetlsearchError(f"output folder {out} exists; pass --resume to continue it or choose another --out")
         if meta.exists():
             old = json.loads(meta.read_text())
-            diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v}
+            diff = {k: (old.get(k), v) for k, v in args.items() if old.get(k) != v and k != "trials"}
             if diff:
                 raise PetlsearchError(f"cannot resume {out}: arguments differ from the first run: {diff}")
     out.mkdir(parents=True, exist_ok=True)

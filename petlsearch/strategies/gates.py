@@ -118,7 +118,7 @@ def sample_gates(logits: torch.Tensor, kind: str = "hard_concrete", stretch: tup
     z = (s * (high - low) + low).clamp(0.0, 1.0)
     if kind == "straight_through":
         hard = (s > 0.5).to(z.dtype)
-        z = hard + z - z.detach()
+        z = hard + (z - z.detach())  # value exactly `hard`
     if logits.numel() and not bool((z.detach() > 0).any()):
         best = int(torch.argmax(logits.detach()))
         onehot = torch.zeros_like(z)

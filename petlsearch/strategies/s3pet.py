@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from petlsearch.errors import PetlsearchError
-from petlsearch.runners.trainer import TrainConfig, pick_device, to_device, train
+from petlsearch.runners.trainer import TrainConfig, pick_device, seed_everything, to_device, train
 from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
 from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill
-from petlsearch.strategies.supernet import Supernet, build_supernet, split_train
+from petlsearch.strategies.supernet import Arm, Supernet, build_supernet, split_train
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -76,6 +76,7 @@ class S3PETSearch(Strategy):
         self._check(ctx)
         cfg = replace(ctx.fidelity, steps=self.steps or ctx.fidelity.steps, eval_every=0, patience=None)
         search_task, arch_task = split_train(ctx.task, self.holdout, ctx.seed)
+        seed_everything(cfg.seed)  # module initialisation, so that a resumed search repeats itself
         net = build_supernet(ctx, search_task, cfg, self.sizes, pick_device(cfg.device), gate=self.gate,
                              stretch=tuple(self.stretch), implicit=self.implicit_shift)
         log.info("s3pet: %d candidates in the supernet, %s", len(net.arms), net.describe_budget())
@@ -83,14 +84,14 @@ class S3PETSearch(Strategy):
         supernet_val = loop.run()
         net.set_beta(beta_at(self.beta, cfg.steps, cfg.steps))
         scores = net.probabilities()
-        chosen = self.discretise(ctx, net, scores)
-        record = self._evaluate(ctx, chosen)
+        chosen = self.discretise(ctx, net.arms, scores)
+        record = self._evaluate(ctx, [net.arms[i].placement for i in chosen])
         extras = {
             "candidates": [{"name": a.name, "cost": a.cost, **asdict(a.placement)} for a in net.arms],
             "cost_unit": net.unit, "alphas": loop.snapshots, "curve": loop.curve,
             "probabilities": dict(zip(net.names, map(_round, scores))),
             "gates": dict(zip(net.names, map(_round, net.mean_gates()))),
-            "chosen": [net.arms[i].name for i in loop.chosen_order(scores, chosen)],
+            "chosen": [net.arms[i].name for i in sorted(chosen, key=lambda i: -scores[i])],
             "supernet_val": supernet_val, "stopped_early": loop.stopped, "steps": loop.step,
         }
         net.close()
@@ -114,18 +115,17 @@ class S3PETSearch(Strategy):
             raise PetlsearchError(f"s3pet: stretch (l, r) needs l <= 0 < 1 <= r, got {self.stretch!r}")
 
     @staticmethod
-    def discretise(ctx: SearchContext, net: Supernet, scores: Sequence[float]) -> list[Placement]:
-        """The candidates in decreasing order of score (cheaper first on ties), each kept while the
-        whole structure fits the budget (exact count, shared parameters once; memory re-estimated);
-        at most one size per site and plugin."""
-        arms = net.arms
+    def discretise(ctx: SearchContext, arms: Sequence[Arm], scores: Sequence[float]) -> list[int]:
+        """Indices of the arms kept: in decreasing order of score (cheaper first on ties), each kept
+        while the whole structure fits the budget (exact count with shared parameters once, memory
+        re-estimated); at most one size per site and plugin. Returned in arm order."""
         order = sorted(range(len(arms)), key=lambda i: (-scores[i], arms[i].cost, i))
         chosen = greedy_fill(order, lambda idx: ctx.space.fits([arms[i].placement for i in idx], ctx.budget,
                                                                ctx.shape),
                              key=lambda i: arms[i].placement.key)
         if not chosen:
             raise PetlsearchError(f"s3pet: no candidate fits the budget {ctx.budget.describe(ctx.space.backbone_params)}")
-        return [arms[i].placement for i in sorted(chosen)]
+        return sorted(chosen)
 
     @staticmethod
     def _evaluate(ctx: SearchContext, placements: list[Placement]) -> TrialRecord:
@@ -239,18 +239,14 @@ class _BiLevel:
     # ------------------------------------------------------------------ records
     def _point(self, step: int) -> None:
         net = self.net
-        point = {"step": step, "beta": net.beta, "loss": _item(net.last_loss), "arch_loss": _item(self.arch_loss),
-                 "budget_use": _round(net.expected_use()), "sampled_use": _round(net.sampled_use())}
-        self.curve.append(point)
+        gated, active = net.sampled_use()
+        self.curve.append({"step": step, "beta": _round(net.beta), "loss": _item(net.last_loss),
+                           "arch_loss": _item(self.arch_loss), "budget_use": _round(net.expected_use()),
+                           "gate_use": _round(gated), "active_use": _round(active)})
 
     def _snapshot(self, step: int) -> None:
         self.snapshots.append({"step": step, "beta": _round(self.net.beta),
                                "alpha": [_round(a) for a in self.net.alpha.detach().cpu().tolist()]})
-
-    def chosen_order(self, scores: Sequence[float], chosen: list[Placement]) -> list[int]:
-        keys = {(p.key, repr(sorted(p.config.items()))) for p in chosen}
-        idx = [i for i, a in enumerate(self.net.arms) if (a.placement.key, repr(sorted(a.placement.config.items()))) in keys]
-        return sorted(idx, key=lambda i: -scores[i])
 
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

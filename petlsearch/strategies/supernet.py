@@ -70,6 +70,7 @@ class Supernet:
         self.last_gates: list[float] = []
         self._cache: tuple[Any, tuple[float | None, Constraint | None]] | None = None
         self._replay: torch.Tensor | None = None
+        self._head: list[nn.Parameter] = []
         self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
     @property
@@ -121,13 +122,15 @@ class Supernet:
         c = self.shift()[1] or (self.constraints[0] if self.constraints else None)
         return float(c.costs @ torch.tensor(self.probabilities(), dtype=torch.float64)) / c.budget if c else 0.0
 
-    def sampled_use(self) -> float:
-        """The cost of the modules the last weight step's gates kept (gate > 0), over the budget."""
+    def sampled_use(self) -> tuple[float, float]:
+        """The last weight step's gates, over the budget: (sum_i n_i z_i, the cost of the modules
+        whose gate was not exactly 0). The hard-concrete keeps more modules partly open than the
+        budget holds, so the second is above 1 early in the search and falls as beta anneals."""
         c = self.shift()[1] or (self.constraints[0] if self.constraints else None)
         if c is None or not self.last_gates:
-            return 0.0
-        on = torch.tensor([g > 0 for g in self.last_gates], dtype=torch.float64)
-        return float(c.costs @ on) / c.budget
+            return 0.0, 0.0
+        z = torch.tensor(self.last_gates, dtype=torch.float64)
+        return float(c.costs @ z) / c.budget, float(c.costs @ (z > 0).double()) / c.budget
 
     # ------------------------------------------------------------------ gates
     def _before(self, _model: nn.Module, _args: tuple) -> None:
@@ -171,19 +174,22 @@ class Supernet:
 
     # ------------------------------------------------------------------ parameters
     def groups(self, cfg: TrainConfig) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainer's parameter groups: every module's weights, and the head unless frozen."""
         from petlsearch.runners.trainer import head_parameters
 
-        seen: set[int] = set()
-        modules = [p for a in self.arms for p in a.module.parameters()
-                   if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
-        head = head_parameters(self.model, self.graph) if cfg.train_head else []
-        for p in head:
+        self._head = head_parameters(self.model, self.graph) if cfg.train_head else []
+        for p in self._head:
             p.requires_grad_(True)
-        self._weights = modules + head
-        return [(modules, cfg.lr), (head, cfg.head_lr)]
+        return [(self.module_parameters(), cfg.lr), (self._head, cfg.head_lr)]
+
+    def module_parameters(self) -> list[nn.Parameter]:
+        seen: set[int] = set()
+        return [p for a in self.arms for p in a.module.parameters()
+                if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
 
     def weights(self) -> list[nn.Parameter]:
-        return self._weights
+        """Everything the weight step trains (the unrolled step perturbs these)."""
+        return self.module_parameters() + self._head
 
     def close(self) -> None:
         for h in self._handles:

@@ -1,0 +1,134 @@
+"""S3PET on real data (Rotten Tomatoes on a tiny BERT): the supernet, the bi-level search, the pipeline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from petlsearch.errors import PetlsearchError
+from petlsearch.runners.search import search
+from petlsearch.runners.trainer import TrainConfig
+from petlsearch.runners.trial import run_trial
+from petlsearch.searchspace.budget import Budget
+from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.space import SearchSpace
+from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
+from petlsearch.strategies.s3pet import S3PETSearch
+from petlsearch.strategies.supernet import build_supernet, split_train
+
+FAST = TrainConfig(steps=3, batch_size=16, eval_every=0, max_eval_examples=32)
+PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model is far faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_ctx(task, budget: str = "600", out=None, timeout=None, calls=None) -> SearchContext:
+    graph = ModelGraph.from_model(task.make_model())
+    space = SearchSpace.from_graph(graph, PLUGINS)
+
+    def objective(placements, report):
+        if calls is not None:
+            calls.append(placements)
+        return run_trial(task, placements, space.plugins, FAST, report=report)
+
+    return SearchContext(space, Budget.parse(budget), task, FAST, 1, 0, out, timeout, objective=objective)
+
+
+def test_options_are_stored_unchanged_and_checked():
+    s = get_strategy("s3pet", steps=7, arch_lr=0.05, beta=(2.0, 0.5), gate="straight_through", sizes=2,
+                     second_order=True, arch_every=3)
+    assert isinstance(s, S3PETSearch)
+    assert (s.steps, s.arch_lr, s.beta, s.gate, s.sizes, s.second_order, s.arch_every) == (
+        7, 0.05, (2.0, 0.5), "straight_through", 2, True, 3)
+    with pytest.raises(PetlsearchError, match="gate"):
+        S3PETSearch(gate="bernoulli").run(SearchContext(None, Budget.parse("1k"), object(), FAST))
+    with pytest.raises(PetlsearchError, match="beta"):
+        S3PETSearch(beta=(1.0, 0.0)).run(SearchContext(None, Budget.parse("1k"), object(), FAST))
+
+
+def test_holdout_comes_from_the_training_split(tiny_task):
+    weights, alphas = split_train(tiny_task, 0.5, seed=0)
+    x, _ = tiny_task.splits.split("train")
+    a, b = weights.splits.x_train, alphas.splits.x_train
+    assert len(a) + len(b) == len(x) and abs(len(a) - len(b)) <= 1
+    assert sorted(a + b) == sorted(x)
+    assert weights.splits.x_val == tiny_task.splits.x_val == alphas.splits.x_val
+
+
+def test_supernet_with_gates_at_zero_is_the_bare_model(tiny_task):
+    ctx = make_ctx(tiny_task, budget="50%")
+    net = build_supernet(ctx, tiny_task, FAST, sizes=2, device=torch.device("cpu"), gate="hard_concrete",
+                         stretch=(-0.1, 1.1), implicit=True)
+    assert len(net.arms) > len(ctx.space.candidates)  # two sizes of most candidates live side by side
+    with torch.no_grad():  # make every module change the output when open
+        for p in net.weights():
+            p.add_(0.05 * torch.randn_like(p))
+    bare = tiny_task.make_model().eval()
+    batch = next(tiny_task.batches("val", 8))
+    net.model.eval()
+    net.fixed = [1.0] * len(net.arms)
+    assert not torch.allclose(net.model(**batch).logits, bare(**batch).logits)
+    net.fixed = [0.0] * len(net.arms)
+    torch.testing.assert_close(net.model(**batch).logits, bare(**batch).logits, rtol=0, atol=0)
+    net.close()  # tensor gates (as during an alpha step) at 0 remove every module too
+    for arm in net.arms:
+        arm.module.gate = torch.zeros((), requires_grad=True)
+    torch.testing.assert_close(net.model(**batch).logits, bare(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_short_search_end_to_end(tiny_task):
+    ctx = make_ctx(tiny_task, budget="600")
+    result = S3PETSearch(steps=6, arch_lr=0.2).run(ctx)
+    assert isinstance(result, SearchResult) and result.strategy == "s3pet"
+    assert result.best and ctx.space.count(result.best) <= 600
+    assert [r.status for r in result.history] == ["complete"] and result.best_record is not None
+    ex = result.extras
+    first, last = ex["alphas"][0], ex["alphas"][-1]
+    assert (first["step"], last["step"]) == (0, 6) and last["beta"] == pytest.approx(0.1)
+    assert first["alpha"] != last["alpha"]  # the held-out loss moved the structure parameters
+    assert all(p["budget_use"] == pytest.approx(1.0, rel=1e-5) for p in ex["curve"])
+    assert all(p["loss"] is not None and p["arch_loss"] is not None for p in ex["curve"])
+    expected = sum(c["cost"] * ex["probabilities"][c["name"]] for c in ex["candidates"])
+    assert expected == pytest.approx(600, rel=1e-4)
+    assert len(ex["chosen"]) == len(result.best) and set(ex["gates"]) == set(ex["probabilities"])
+    json.dumps(ex)  # the report can hold it
+
+
+def test_second_order_sizes_and_straight_through(tiny_task):
+    ctx = make_ctx(tiny_task, budget="700")
+    result = S3PETSearch(steps=2, sizes=2, second_order=True, gate="straight_through", beta=0.5,
+                         arch_every=1).run(ctx)
+    assert ctx.space.count(result.best) <= 700
+    assert len({p.key for p in result.best}) == len(result.best)
+    assert result.extras["alphas"][0]["alpha"] != result.extras["alphas"][-1]["alpha"]
+    assert any("[" in c["name"] for c in result.extras["candidates"])
+
+
+def test_timeout_discretises_what_it_has_and_resume_reuses_the_trial(tiny_task, tmp_path):
+    calls: list = []
+    ctx = make_ctx(tiny_task, out=tmp_path, timeout=0.0, calls=calls)
+    first = S3PETSearch(steps=50).run(ctx)
+    assert first.extras["stopped_early"] and first.extras["steps"] == 1
+    again = S3PETSearch(steps=50).run(replace(ctx, _journal=None))
+    assert len(calls) == 1  # the identical structure was not trained twice
+    assert again.best == first.best and again.history[0].score == first.history[0].score
+
+
+def test_pipeline_writes_the_run_with_s3pet_extras(tiny_task, tmp_path):
+    out = tmp_path / "run"
+    result = search(task=tiny_task, budget="1k", strategy="s3pet", plugins=PLUGINS, out=out, fidelity=FAST,
+                    final=FAST, strategy_options={"steps": 3})
+    assert result.structure.result["trainable_params"] <= 1000
+    report = json.loads((out / "report.json").read_text())
+    assert {"alphas", "curve", "gates", "probabilities", "chosen"} <= set(report["extras"])
+    assert (out / "structure.yaml").exists() and (out / "search_curve.png").exists()
