@@ -17,10 +17,14 @@ from petlsearch.errors import PetlsearchError
 log = logging.getLogger("petlsearch")
 
 
-def _console() -> Any:
+def _console(stdout: bool = False) -> Any:
+    """Messages and progress go to stderr; tables and results (what a script reads) to stdout."""
+    import sys
+
     from rich.console import Console
 
-    return Console(stderr=True)
+    stream = sys.stdout if stdout else sys.stderr
+    return Console(stderr=not stdout, width=None if stream.isatty() else 200)
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -103,7 +107,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     from petlsearch.searchspace.graph import ModelGraph
 
-    console = _console()
+    console = _console(stdout=True)
     from petlsearch.runners.tasks import build_model
 
     graph = ModelGraph.from_model(build_model(args.model))
@@ -129,7 +133,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
     from petlsearch.plugins.registry import list_plugins, load_all
 
-    console = _console()
+    console = _console(stdout=True)
     _load_extra_plugins(args.plugin)
     loaded = load_all()
     table = Table(title="installed plugins")
@@ -150,7 +154,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from petlsearch.searchspace.structure import Structure
 
-    console = _console()
+    console = _console(stdout=True)
     s = Structure.load(args.structure)
     res = s.result
     console.print(f"backbone: {s.backbone.name} ({s.backbone.family}, {s.backbone.num_parameters:,} parameters)")

@@ -169,7 +169,7 @@ def check_gate_zero(plugin: Plugin, family: str) -> None:
     off_t = _run(model, inputs)
     if not torch.allclose(off_t, base, atol=1e-5, rtol=1e-4):
         _fail(plugin, "check_gate_zero", family, "a tensor gate of 0 still changes outputs")
-    if torch.allclose(moved, base, atol=1e-6):
+    if moved.shape == base.shape and torch.allclose(moved, base, atol=1e-6):  # tokens may change the length
         _fail(plugin, "check_gate_zero", family, "perturbed modules have no effect at gate 1")
 
 

@@ -122,10 +122,12 @@ def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module
 
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
+        hf_logging.disable_progress_bar()
         try:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
         finally:
             hf_logging.set_verbosity(level)
+            hf_logging.enable_progress_bar()
 
     return display, factory, tokenizer
 

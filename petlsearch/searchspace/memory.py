@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     Placement = tuple[Plugin, Site, dict[str, Any]]
 
 # Levels inside a block where a placement can sit; a block keeps the activations at and above it.
-BELOW, ATTN_IN, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 6)
+BELOW, ATTN_IN, ATTN_V, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 7)
 _ROLE_LEVEL = {
-    "attn.q": ATTN_IN, "attn.k": ATTN_IN, "attn.v": ATTN_IN, "attn.qkv": ATTN_IN, "block": BELOW,
+    "attn.q": ATTN_IN, "attn.k": ATTN_IN, "attn.v": ATTN_V, "attn.qkv": ATTN_IN, "block": BELOW,
     "attn.o": ATTN_OUT, "attn": ATTN_OUT,
     "xattn.q": XATTN_IN, "xattn.k": XATTN_IN, "xattn.v": XATTN_IN, "xattn.o": XATTN_OUT, "xattn": XATTN_OUT,
     "ffn.up": FFN_IN, "ffn.gate": FFN_IN, "ffn.down": FFN_OUT, "ffn": FFN_OUT,
@@ -97,7 +97,8 @@ class BlockProfile:
         ffn_act = self.act * f + (2 * f if self.gated else 0) + (mask * f if self.ffn_dropout else 0)
         pre, post = (0.0, norm) if self.post_norm else (norm, 0.0)
         # (level, elements): a pre-norm sits below its sublayer, so a placement inside it skips it
-        parts = [(BELOW, pre), (ATTN_IN, self._core(seq, device, sdpa, True)), (ATTN_OUT, drop + post)]
+        core, core_v = self._core(seq, device, sdpa, True), self._core_v(seq, device, sdpa)
+        parts = [(BELOW, pre), (ATTN_IN, core - core_v), (ATTN_V, core_v), (ATTN_OUT, drop + post)]
         if self.cross:
             parts += [(ATTN_OUT, pre), (XATTN_IN, self._core(seq, device, sdpa, kv_grad)),
                       (XATTN_OUT, drop + post)]
@@ -107,6 +108,13 @@ class BlockProfile:
             norms = 3 if self.cross else 2
             per_token += 2 * h + self.inner + f + (h if self.cross else 0) + (norms * h if self.norm_stats == 1 else 0)
         return tokens * per_token
+
+    def _core_v(self, seq: int, device: str, sdpa: bool) -> float:
+        """What attention keeps when only v needs a gradient: the (dropped) probabilities, or
+        everything on the fused path."""
+        if sdpa and (device != "cpu" or not self.attn_dropout):
+            return self._core(seq, device, sdpa, True)
+        return self.heads * seq
 
     def _core(self, seq: int, device: str, sdpa: bool, kv_grad: bool) -> float:
         """Attention per query token (keys as many as queries)."""
@@ -222,8 +230,10 @@ def _level(graph: ModelGraph, site: Site) -> int:
     if site.role == "norm":
         cross = any(n.role == "xattn.q" for n in graph.find(stack=site.stack, layer=site.layer))
         attn = re.search(r"before|norm1|ln_1|input_layernorm|attention|layer\.0\.", site.path)
-        sub = (ATTN_IN if attn else XATTN_IN if cross and "layer.1." in site.path else FFN_IN)
-        return sub + 1 if graph.family in _POST_LN else sub - 1  # a norm's own backward needs its input
+        sub = 0 if attn else 1 if cross and "layer.1." in site.path else 2
+        if graph.family in _POST_LN:  # the norm after the sublayer
+            return (ATTN_OUT, XATTN_OUT, FFN_OUT)[sub]
+        return (BELOW, ATTN_OUT, XATTN_OUT)[sub]  # before it: its backward needs its input
     return _ROLE_LEVEL.get(site.role, ATTN_IN)
 
 

@@ -8,9 +8,10 @@ sum_i n_i p_i equal to the budget (gates.solve_shift); beta is annealed. During 
 stretched Gumbel-sigmoid samples clamped to [0, 1] (exact zeros and ones); at evaluation they are
 deterministic. The optimisation is bi-level, as DARTS: the module weights and the head train on one
 part of the TRAINING split, the alphas on the held-out rest (half, as the authors), alternating
-first-order steps or, with `second_order`, the unrolled step. The validation split is never used
-by the search. The structure keeps the candidates of highest p_i while the budget holds; the
-pipeline retrains it from scratch.
+first-order steps or, with `second_order`, the unrolled step. The validation split never steers
+the alphas (the supernet's final validation score is only reported). The structure keeps the
+candidates of highest p_i while the budget holds; it is scored as trial 0 (trained from scratch at
+the search fidelity) and the pipeline retrains it at full fidelity.
 
     strategy = S3PETSearch(steps=200, beta=(1.0, 0.1), sizes=3)
     result = strategy.run(ctx)          # result.best fits ctx.budget; result.extras has the alphas
@@ -83,13 +84,14 @@ class S3PETSearch(Strategy):
         loop = _BiLevel(self, ctx, net, cfg, search_task, arch_task)
         supernet_val = loop.run()
         net.set_beta(beta_at(self.beta, cfg.steps, cfg.steps))
-        scores = net.probabilities()
+        with torch.no_grad():  # the logits order the arms as p does, without p's saturation at 1.0
+            scores = net.logits().cpu().tolist()
         chosen = self.discretise(ctx, net.arms, scores)
         record = self._evaluate(ctx, [net.arms[i].placement for i in chosen])
         extras = {
             "candidates": [{"name": a.name, "cost": a.cost, **asdict(a.placement)} for a in net.arms],
             "cost_unit": net.unit, "alphas": loop.snapshots, "curve": loop.curve,
-            "probabilities": dict(zip(net.names, map(_round, scores))),
+            "probabilities": dict(zip(net.names, map(_round, net.probabilities()))),
             "gates": dict(zip(net.names, map(_round, net.mean_gates()))),
             "chosen": [net.arms[i].name for i in sorted(chosen, key=lambda i: -scores[i])],
             "supernet_val": supernet_val, "stopped_early": loop.stopped, "steps": loop.step,
@@ -124,7 +126,8 @@ class S3PETSearch(Strategy):
                                                                ctx.shape),
                              key=lambda i: arms[i].placement.key)
         if not chosen:
-            raise PetlsearchError(f"s3pet: no candidate fits the budget {ctx.budget.describe(ctx.space.backbone_params)}")
+            budget = ctx.budget.describe(ctx.space.backbone_params)
+            raise PetlsearchError(f"s3pet: no candidate fits the budget {budget}")
         return sorted(chosen)
 
     @staticmethod
@@ -209,6 +212,7 @@ class _BiLevel:
         train_batch = to_device(next(self.train_batches), net.device)
         val_batch = to_device(next(self.arch_batches), net.device)
         backup = [w.detach().clone() for w in weights]
+        seen = (net.last_loss, net.last_gates)  # the curve records the weight step, not the virtual one
         with net.same_noise():
             grads = _grads(self._loss(train_batch, arch=False), weights)
             with torch.no_grad():
@@ -227,6 +231,7 @@ class _BiLevel:
         with torch.no_grad():
             for w, b in zip(weights, backup):
                 w.copy_(b)
+        net.last_loss, net.last_gates = seen
         self._apply(d_alpha - xi * (hess[0] - hess[1]) / (2 * eps))
         return val_loss.detach()
 

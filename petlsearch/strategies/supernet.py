@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from petlsearch.errors import BudgetError, PetlsearchError
+from petlsearch.errors import BudgetError, PetlsearchError, PluginError
 from petlsearch.plugins.dims import IntDim
 from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, solve_shift
 
@@ -235,27 +235,28 @@ def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], v
     ref = ref if ref is not None else next(model.parameters())
     module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     module.train(model.training)
-    module.install(model)
+    try:
+        module.install(model)
+    except Exception as exc:
+        raise PluginError(f"s3pet: '{plugin.name}' cannot hold two sizes at {site.key} in one supernet "
+                          f"({exc}); use sizes=1") from exc
     return module
 
 
 def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: int) -> list[Arm]:
-    """Each candidate at its default size (sizes=1) or at up to `sizes` sizes; an arm that cannot
-    fit the budget on its own is left out (at sizes=1 the smallest size replaces a default that
-    does not fit)."""
+    """Each candidate at its default size (sizes=1) or at up to `sizes` sizes. A size that cannot
+    fit the budget on its own is left out; when none fits, the candidate's smallest size is tried."""
     arms = []
     for cand in space.candidates:
         plugin = space.plugins[cand.plugin]
-        configs = size_configs(plugin, cand, sizes)
-        if sizes == 1:
-            configs.append(plugin.config(cand.site, cand.min_config))
-        kept = 0
-        for cfg in configs:
-            placement = cand.placement(cfg)
-            if space.fits([placement], budget, shape) and (sizes > 1 or kept == 0):
-                size = ",".join(f"{k}={cfg[k]}" for k in _size_dims(plugin, cand)) if sizes > 1 else ""
-                arms.append(Arm(f"{cand.key}[{size}]" if size else cand.key, placement, 0.0, cand))
-                kept += 1
+        dims = _size_dims(plugin, cand) if sizes > 1 else []
+        kept = [c for c in size_configs(plugin, cand, sizes) if space.fits([cand.placement(c)], budget, shape)]
+        smallest = plugin.config(cand.site, cand.min_config)
+        if not kept and space.fits([cand.placement(smallest)], budget, shape):
+            kept = [smallest]
+        for cfg in kept:
+            size = ",".join(f"{k}={cfg[k]}" for k in dims)
+            arms.append(Arm(f"{cand.key}[{size}]" if size else cand.key, cand.placement(cfg), 0.0, cand))
     _set_param_costs(space, arms)
     return arms
 
@@ -327,7 +328,8 @@ def constraints(ctx: SearchContext, arms: list[Arm]) -> list[Constraint]:
 
         space, shape = ctx.space, ctx.shape
         resolved = [(space.plugins[a.placement.plugin], a.candidate.site, a.placement.config) for a in arms]
-        fixed = estimate(space.graph, [], shape).total + estimate(space.graph, resolved[:1], shape).breakdown.get("logits", 0)
+        logits = estimate(space.graph, resolved[:1], shape).breakdown.get("logits", 0)  # paid once by any structure
+        fixed = estimate(space.graph, [], shape).total + logits
         costs = [marginal_cost(space.graph, p, s, c, shape) for p, s, c in resolved]
         if ctx.budget.memory <= fixed:
             raise BudgetError(f"s3pet: the memory budget {ctx.budget.memory:,} B leaves nothing for modules "

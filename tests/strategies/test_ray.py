@@ -1,0 +1,57 @@
+"""RayTuneSearch on a local Ray: real training, retries and failures, restore after an interruption."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from petlsearch.plugins import _tiny  # noqa: E402
+from petlsearch.runners.trainer import TrainConfig  # noqa: E402
+from petlsearch.searchspace.budget import Budget  # noqa: E402
+from petlsearch.searchspace.graph import ModelGraph  # noqa: E402
+from petlsearch.searchspace.space import SearchSpace  # noqa: E402
+from petlsearch.strategies.base import SearchContext  # noqa: E402
+from petlsearch.strategies.ray_tune import RayTuneSearch  # noqa: E402
+from tests.strategies.test_optuna import Outcome, quality  # noqa: E402
+
+pytestmark = pytest.mark.ray
+FAST = TrainConfig(steps=4, batch_size=16, eval_every=2, max_eval_examples=32)
+
+
+def tiny_space() -> SearchSpace:
+    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora", "bitfit"], roles=("attn.q", "attn.v"))
+
+
+def calls_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_real_training_on_local_ray_retries_a_dying_trial(tiny_task, tmp_path):
+    from petlsearch.runners.trial import run_trial
+
+    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), ["lora", "bitfit"],
+                                   roles=("attn.q",))
+    marker = tmp_path / "died_once"
+
+    def objective(placements, report):  # shipped to the workers with cloudpickle
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # the very first call dies, once
+        except FileExistsError:
+            return run_trial(tiny_task, placements, space.plugins, FAST, report=report)
+        os.close(fd)
+        raise RuntimeError("worker lost (simulated)")
+
+    ctx = SearchContext(space, Budget.parse("1000"), None, FAST, n_trials=2, out_dir=tmp_path / "run",
+                        objective=objective)
+    assert not ray.is_initialized()
+    result = RayTuneSearch(num_cpus=2, max_failures=1).run(ctx)
+    assert not ray.is_initialized()  # it started Ray, so it shut it down
+    assert marker.exists() and len(result.history) == 2
+    assert all(r.status in ("complete", "pruned") and r.intermediate for r in result.history)
+    assert space.count(result.best) <= 1000
+    assert (tmp_path / "run" / "trials.jsonl").exists() and (tmp_path / "run" / "ray" / "tune").is_dir()
