@@ -170,7 +170,8 @@ def fisher_scores(model: nn.Module, batches: Iterable[Batch], loss: Loss | None 
     """Empirical Fisher per parameter: mean over samples (or batches) of (dL/dw)^2, in float32.
 
     `params` names the parameters to score (default: every floating parameter); `num_samples`
-    caps the examples used (FISH uses 1024). Frozen parameters are scored too.
+    caps the examples used (FISH uses 1024). Frozen parameters are scored too. A loss defined over
+    the whole batch (CLIP's contrastive loss) needs `per_sample=False`.
     """
     chosen = _select(model, params)
     total = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in chosen.items()}

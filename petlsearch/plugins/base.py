@@ -27,6 +27,7 @@ Example (a complete plugin: a learned per-feature offset on the output of every 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -382,8 +383,12 @@ class Plugin:
         return 0
 
     def shared(self, key: Any, factory: Any) -> nn.Module:
-        """The shared module for `key`, made by `factory()` on first use (state of this instance)."""
-        cache = self.__dict__.setdefault("_shared_modules", {})
+        """The shared module for `key` in the model being attached to, made by `factory()` on first
+        use. Caches are per model (weakly keyed, so a dropped model frees them): two models never
+        share trained weights through one plugin instance."""
+        per_model = self.__dict__.setdefault("_shared_modules", weakref.WeakKeyDictionary())
+        scope = self.__dict__.get("_attaching") or self
+        cache = per_model.setdefault(scope, {})
         if key not in cache:
             cache[key] = factory()
         return cache[key]
@@ -413,7 +418,11 @@ class Plugin:
 
     def attach(self, model: nn.Module, site: Site, cfg: dict[str, Any] | None = None) -> PETLModule:
         """Build the module for (site, cfg), install it in `model`, and return it."""
-        module = self.build(site, self.config(site, cfg))
+        self._attaching = model  # scope of `shared`
+        try:
+            module = self.build(site, self.config(site, cfg))
+        finally:
+            self._attaching = None
         module.plugin_name = self.name
         reference = next(model.get_submodule(site.path).parameters(), None)
         reference = reference if reference is not None else next(model.parameters(), None)

@@ -78,8 +78,12 @@ def register(cls: type[Plugin] | None = None, *, replace: bool = False) -> Any:
     def do(c: type[Plugin]) -> type[Plugin]:
         validate(c)
         existing = _classes.get(c.name)
-        if existing is not None and existing is not c and not replace:
-            raise PluginError(f"two plugins are named '{c.name}': {_where(existing)} and {_where(c)}; "
+        installed = _discover().get(c.name)
+        other = _where(existing) if existing is not None and existing is not c else (
+            f"{installed.value} (from {_dist(installed)})" if installed is not None
+            and installed.value != _where(c) and existing is not c else None)
+        if other is not None and not replace:
+            raise PluginError(f"two plugins are named '{c.name}': {other} and {_where(c)}; "
                               "pass replace=True to override")
         _classes[c.name] = c
         return c

@@ -4,7 +4,8 @@ Sung, Cho and Bansal, "VL-Adapter: Parameter-Efficient Transfer Learning for Vis
 Tasks", CVPR 2022. A frozen VL-T5 / VL-BART is trained on several tasks at once (VQA, GQA, NLVR2,
 captioning) with Houlsby-style bottleneck adapters after the attention and FFN sublayers. Their
 best trade-off is a single adapter set shared by all tasks ("Single Adapter"), against per-task
-adapters ("Multiple Adapters"); they also report sharing adapters between layers.
+adapters ("Multiple Adapters"). Sharing one adapter between the layers of a stack is offered here
+as a further option of the same idea (`share_layers`).
 
 Dims: `bottleneck`; `share` = "tasks" (one adapter for every task) or "none" (one adapter per task of
 the constructor's `tasks`, picked at each forward by `context.current_task()`); `share_layers`
@@ -18,7 +19,6 @@ gives each model its own sets, so training one model never leaks into the next.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -130,25 +130,6 @@ class SharedAdapter(Plugin):
         if key is None:
             return VLAdapterModule(site, self._adapters(site, cfg), shared=False)
         return VLAdapterModule(site, self.shared(key, lambda: self._adapters(site, cfg)), shared=True)
-
-    def attach(self, model: nn.Module, site: Site, cfg: dict[str, Any] | None = None) -> PETLModule:
-        self._scope = model  # shared sets are per model: see `shared`
-        try:
-            return super().attach(model, site, cfg)
-        finally:
-            self._scope = None
-
-    def shared(self, key: Any, factory: Any) -> nn.Module:
-        """The shared set for `key` in the model being attached to (weakly keyed, so a dropped model
-        frees its sets); outside `attach` it falls back to the instance-wide cache of the base."""
-        scope = getattr(self, "_scope", None)
-        if scope is None:
-            return super().shared(key, factory)
-        per_model = self.__dict__.setdefault("_per_model", weakref.WeakKeyDictionary())
-        cache = per_model.setdefault(scope, {})
-        if key not in cache:
-            cache[key] = factory()
-        return cache[key]
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         # the down-projection's input (the sublayer output) and the bottleneck before / after the act

@@ -19,7 +19,6 @@ CUDA: the allocator's peak over one step).
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -28,9 +27,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-log = logging.getLogger(__name__)
-
-if TYPE_CHECKING:
     from petlsearch.plugins.base import BatchShape, Plugin, Site
     from petlsearch.searchspace.graph import ModelGraph
 
@@ -257,9 +253,9 @@ def _shared_inputs(placements: list[Placement], shape: BatchShape) -> float:
         group = {"attn.q": "a", "attn.k": "a", "attn.v": "a", "ffn.up": "f", "ffn.gate": "f",
                  "xattn.k": "x", "xattn.v": "x"}.get(site.role)
         if group and site.kind == "weight" and site.in_features:
-            own = _own_elements(plugin, site, plugin.config(site, cfg), shape)
-            if own >= shape.tokens * site.in_features:
-                groups.setdefault((plugin.name, site.stack, site.layer, group), []).append(shape.tokens * site.in_features)
+            x = shape.tokens * site.in_features
+            if _own_elements(plugin, site, plugin.config(site, cfg), shape) >= x:
+                groups.setdefault((plugin.name, site.stack, site.layer, group), []).append(x)
     return sum(sum(v[1:]) for v in groups.values())
 
 
@@ -370,92 +366,56 @@ def _loss(out: Any) -> torch.Tensor:
     return first.float().pow(2).mean()
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], optimizer: str) -> torch.optim.Optimizer:
-    import torch
-
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=1e-4)
-    raise ValueError(f"measure: unknown optimizer {optimizer!r}; valid: 'adamw', 'sgd'")
-
-
 def measure(model: nn.Module, batch: dict[str, Any], params: list[torch.nn.Parameter] | None = None,
             optimizer: str = "adamw") -> MeasuredMemory:
-    """Memory of one forward / backward / optimizer step of `model` on `batch`.
+    """Memory of one forward / backward / optimizer step of `model` (in train mode) on `batch`.
 
-    `params` are the parameters trained (default: those with requires_grad). The model is left in
-    train mode for the step and restored afterwards; its gradients are cleared.
+    `params` are the parameters trained (default: those with requires_grad); their gradients are
+    cleared afterwards. CPU: the bytes autograd saves for backward, each storage once (parameters
+    are weights, not activations), plus weights, gradients and optimizer state. CUDA: the peak the
+    allocator sees over the step, on top of what was resident before it, plus the weights.
     """
     import torch
 
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("measure: nothing to train; pass params or set requires_grad on some parameters")
-    device = params[0].device
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"measure: unknown optimizer {optimizer!r}; valid: 'adamw', 'sgd'")
+    cuda = params[0].device.type == "cuda"
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}  # storage data_ptr -> bytes
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
     was_training = model.training
     model.train()
     try:
-        if device.type == "cuda":
-            return _measure_cuda(model, batch, params, optimizer)
-        return _measure_cpu(model, batch, params, optimizer)
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = _loss(model(**batch))
+        loss.backward()
+        opt.step()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                    if torch.is_tensor(v))
+        if cuda:
+            torch.cuda.synchronize()
+            total = torch.cuda.max_memory_allocated() - base + weights
+            return MeasuredMemory(total, weights, grads, state, max(0, total - weights - grads - state), "cuda")
+        activations = sum(saved.values())
+        return MeasuredMemory(weights + grads + state + activations, weights, grads, state, activations, "cpu")
     finally:
         model.train(was_training)
         for p in params:
             p.grad = None
-
-
-def _measure_cpu(model: nn.Module, batch: dict[str, Any], params: list, optimizer: str) -> MeasuredMemory:
-    import torch
-
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}  # storage data_ptr -> bytes, each storage once
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in param_ptrs and storage.device.type != "meta":
-            saved[ptr] = storage.nbytes()
-        return t
-
-    torch.manual_seed(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _loss(model(**batch))
-    activations = sum(saved.values())
-    loss.backward()
-    opt = _make_optimizer(params, optimizer)
-    opt.step()
-    weights = sum(p.numel() * p.element_size() for p in _unique(model.parameters()))
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v))
-    return MeasuredMemory(weights + grads + state + activations, weights, grads, state, activations, "cpu")
-
-
-def _unique(params: Any) -> list:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def _measure_cuda(model: nn.Module, batch: dict[str, Any], params: list, optimizer: str) -> MeasuredMemory:
-    import torch
-
-    torch.cuda.synchronize()
-    weights = sum(p.numel() * p.element_size() for p in _unique(model.parameters()))
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    opt = _make_optimizer(params, optimizer)
-    loss = _loss(model(**batch))
-    loss.backward()
-    opt.step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
-                if torch.is_tensor(v))
-    total = peak - base + weights  # what the step adds on top of whatever else was resident, plus weights
-    return MeasuredMemory(total, weights, grads, state, max(0, total - weights - grads - state), "cuda")

@@ -109,6 +109,7 @@ class RayTuneSearch(Strategy):
         enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible)
         root = Path(ctx.out_dir).resolve() / "ray" if ctx.out_dir else Path(tempfile.mkdtemp(prefix="petlsearch-ray-"))
         trainable = tune.with_resources(tune.with_parameters(_trainable, objective=ctx.objective,
+                                                             steps=ctx.fidelity.steps,
                                                              threads=max(1, int(self.cpus_per_trial))),
                                         {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial})
         path = str(root / EXPERIMENT)
@@ -193,7 +194,7 @@ class _Proposer:
         return out
 
 
-def _trainable(config: dict[str, Any], objective: Callable[..., Any], threads: int = 1) -> None:
+def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int, threads: int = 1) -> None:
     """One Ray trial: train the structure in `config`, reporting each evaluation to ASHA."""
     import torch
     from ray import tune
@@ -206,11 +207,13 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], threads: i
     placements = [Placement(**p) for p in config["placements"]]
 
     def report(step: int, score: float) -> bool:
-        tune.report({"score": score, "step": step, **base})
+        if step < steps:  # the last step is reported below, with the outcome (ASHA stops at max_t)
+            tune.report({"score": score, "step": step, **base})
         return False  # ASHA stops the trial itself
 
     outcome = objective(placements, report)
-    final = {"score": outcome.score, "step": outcome.train.steps if hasattr(outcome, "train") else 0,
+    done = getattr(getattr(outcome, "train", None), "steps", steps)  # fewer when stopped early
+    final = {"score": outcome.score, "step": done,
              "final": 1, "pruned": int(bool(outcome.pruned)), **base,
              **{f"val_{k}": v for k, v in outcome.metrics.items()}}
     if not math.isfinite(outcome.score):

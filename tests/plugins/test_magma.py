@@ -18,8 +18,8 @@ from petlsearch.searchspace.graph import ModelGraph
 IMAGE_DIM = 16
 
 
-def _lm(**kw):
-    model = tiny.gpt2(**kw) if not kw.get("config") else None
+def _lm():
+    model = tiny.gpt2()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, ModelGraph.from_model(model)
@@ -107,7 +107,7 @@ def test_features_from_a_frozen_encoder_and_shapes():
         with use(image_features=torch.randn(2, 32)):  # pooled (B, F): one prefix token
             assert model(input_ids=ids).logits.shape == (2, 9, 100)
     assert from_pixels.shape == (2, 17 + 8, 100) and torch.allclose(from_pixels, from_features)
-    assert not any(p.requires_grad for p in encoder.parameters()) or prefix.trainable_count() == 32 * 32 + 96
+    assert prefix.trainable_count() == 32 * 32 + 96  # the encoder runs under no_grad, outside the model
     assert "petl_magma.proj.weight" in dict(model.named_parameters())
     assert not any("encoder" in k for k in prefix.state_dict())  # the encoder is not saved with the prefix
     with use(image_features=torch.randn(2, 3, 7)), pytest.raises(PluginError, match="image_dim=7"):
@@ -176,5 +176,5 @@ def test_training_on_digit_captions_reads_the_image():
     p = torch.bincount(ids[:, -1] - 4, minlength=10).float() / len(ids)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()  # the best a model blind to the image can do
     assert digit < entropy - 0.3
-    _, blind = _train_captions(with_images=False, steps=30)
+    _, blind = _train_captions(with_images=False, steps=10)
     assert blind >= entropy - 1e-3

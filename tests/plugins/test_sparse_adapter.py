@@ -77,8 +77,8 @@ def test_snip_scores_are_the_gradient_saliency_of_the_attached_adapter():
                                "up_mask": torch.ones(32, 8, dtype=torch.bool)})
     m.gate = 1e-4
     model(**batch).loss.backward()
-    ref_down = (m.adapter.down.weight * m.adapter.down.weight.grad).abs() / 1e-4
-    ref_up = (m.adapter.up.weight * m.adapter.up.weight.grad).abs() / 1e-4
+    ref_down = (m.adapter.down.weight * m.adapter.down.weight.grad).abs().detach() / 1e-4
+    ref_up = (m.adapter.up.weight * m.adapter.up.weight.grad).abs().detach() / 1e-4
     assert torch.allclose(down_score, ref_down, rtol=1e-2, atol=1e-6 * float(ref_down.max()))
     assert torch.allclose(up_score, ref_up, rtol=1e-2, atol=1e-6 * float(ref_up.max()))
     built = plugin.attach(tiny.bert(), site, {"bottleneck": 8, "sparsity": 0.5})

@@ -63,7 +63,8 @@ def _attach(model: nn.Module, name: str, pick: str = "all") -> tuple[ModelGraph,
 CASES = [(f, p, pick) for f in ("bert", "t5", "vit")
          for p in ("lora", "adapter", "parallel_adapter", "bitfit", "ia3", "lst", "vqt")
          for pick in ("all", "top")
-         if not (f == "t5" and p in ("bitfit", "vqt")) and not (p == "lst" and pick == "top")]
+         if not (f == "t5" and p in ("bitfit", "vqt")) and not (p == "lst" and pick == "top")
+         and not (f == "t5" and pick == "all" and p in ("lora", "adapter", "parallel_adapter"))]  # speed
 
 
 @pytest.mark.parametrize(("family", "name", "pick"), CASES)

@@ -55,3 +55,34 @@ def test_real_training_on_local_ray_retries_a_dying_trial(tiny_task, tmp_path):
     assert all(r.status in ("complete", "pruned") and r.intermediate for r in result.history)
     assert space.count(result.best) <= 1000
     assert (tmp_path / "run" / "trials.jsonl").exists() and (tmp_path / "run" / "ray" / "tune").is_dir()
+
+
+def test_failing_trial_is_recorded_and_callers_ray_is_left_running(tmp_path):
+    space = tiny_space()
+    calls = tmp_path / "calls"
+
+    def objective(placements, report):
+        calls.mkdir(exist_ok=True)
+        (calls / f"{len(calls_in(calls))}-{os.getpid()}").write_text("")
+        if len(placements) % 2:  # deterministic: fails on every retry
+            raise ValueError("odd structure (simulated)")
+        for step in (2, 4):
+            report(step, quality(space, placements) * step / 4)
+        return Outcome(quality(space, placements))
+
+    ctx = SearchContext(space, Budget.parse("1000"), None, FAST, n_trials=4, out_dir=tmp_path / "run",
+                        objective=objective)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 * 2**20,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    try:
+        result = RayTuneSearch(max_failures=1, startup_trials=4).run(ctx)
+        assert ray.is_initialized()
+    except Exception:
+        ray.shutdown()
+        raise
+    ray.shutdown()
+    failed = [r for r in result.history if r.status == "failed"]
+    assert len(result.history) == 4 and failed and all("odd structure" in r.error for r in failed)
+    assert all(len(r.placements) % 2 == 1 for r in failed)
+    # every failed structure ran twice (one retry), every other once
+    assert len(calls_in(calls)) == 4 + len(failed)
