@@ -158,20 +158,37 @@ class RayTuneSearch(Strategy):
                                time_budget_s=budget_s, reuse_actors=True)
 
     def _history(self, ctx: SearchContext, grid: Any) -> list[TrialRecord]:
-        """Records from Ray's results (its state is the source of truth), appended to trials.jsonl."""
+        """Records from Ray's results (its state is the source of truth), appended to trials.jsonl;
+        raises KeyboardInterrupt when Ray swallowed a Ctrl-C and left trials unfinished."""
         known = ctx.finished()
-        history = []
-        for res in grid:
-            record = _record(res)
+        history, unfinished = [], 0
+        for res, status in zip(grid, _statuses(grid)):
+            if status not in ("TERMINATED", "ERROR"):
+                unfinished += 1  # cut off by an interruption: restored and rerun by the next run
+                continue
+            record = _record(res, status)
             if record is None:
                 continue
             history.append(record)
-            if ctx.journal is not None and record.number not in known:
+            if ctx.journal is not None and known.get(record.number) != record:
                 ctx.journal.append(record.to_dict())
                 if ctx.progress is not None:
                     score = "failed" if record.score is None else f"{record.score:.4f}"
                     ctx.progress(f"trial {record.number}: {record.status} score={score} params={record.params:,}")
+        if unfinished and not ctx.out_of_time():
+            raise KeyboardInterrupt(f"ray search interrupted with {unfinished} trial(s) unfinished; "
+                                    "run it again on the same folder to restore it")
         return history
+
+
+def _statuses(grid: Any) -> list[str]:
+    """Each result's trial status (TERMINATED, ERROR, or PENDING/RUNNING/PAUSED when cut off).
+    ResultGrid lists its results in the order of its analysis' trials."""
+    analysis = getattr(grid, "_experiment_analysis", None)
+    trials = getattr(analysis, "trials", None)
+    if trials is None or len(trials) != len(grid):
+        return ["ERROR" if res.error is not None else "TERMINATED" for res in grid]
+    return [t.status for t in trials]
 
 
 class _Proposer:
@@ -221,8 +238,8 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int
     tune.report(final)
 
 
-def _record(res: Any) -> TrialRecord | None:
-    """A TrialRecord from one Ray result; None for a proposal rejected before training."""
+def _record(res: Any, status: str) -> TrialRecord | None:
+    """A TrialRecord from one ended Ray trial; None for a proposal rejected before training."""
     config, metrics = res.config, res.metrics or {}
     if config.get("placements") is None:
         return None
@@ -232,7 +249,7 @@ def _record(res: Any) -> TrialRecord | None:
         steps = [(int(s), float(v)) for s, v in zip(frame["step"], frame["score"]) if math.isfinite(v)]
         steps = list(dict(steps).items())  # the final report repeats the last step
     score, error = metrics.get("score"), metrics.get("error") or ""
-    if res.error is not None:
+    if status == "ERROR" or res.error is not None:
         status, score, error = "failed", None, f"{type(res.error).__name__}: {res.error}"[:2000]
     elif error or score is None or not math.isfinite(score):
         status, score = "failed", None
