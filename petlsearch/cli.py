@@ -70,7 +70,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "
                   f"({100 * res['trainable_params'] / res['backbone_params']:.4f}% of the backbone, "
-                  f"+{res['head_params']:,} head); test accuracy {res['test'].get('accuracy', float('nan')):.4f}")
+                  f"+{res['head_params']:,} head); test {res['metric']} {res['test'].get(res['metric'], float('nan')):.4f}")
     if result.out_dir:
         console.print(f"run folder: {result.out_dir} (structure.yaml, weights.safetensors, report.json, *.png)")
     return 0
@@ -97,7 +97,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.weights or str(args.structure).rsplit(".", 1)[0] + ".safetensors"
     outcome = run_trial(task, structure.placements, plugins, cfg, test=True, weights_path=out)
     console.print(f"{outcome.params:,} trainable parameters (+{outcome.head_params:,} head); "
-                  f"val accuracy {outcome.metrics['accuracy']:.4f}; test accuracy {outcome.test['accuracy']:.4f}; "
+                  f"val {task.metric} {outcome.metrics[task.metric]:.4f}; test {task.metric} "
+                  f"{outcome.test[task.metric]:.4f}; "
                   f"weights: {out}")
     return 0
 

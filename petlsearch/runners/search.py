@@ -86,14 +86,14 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights)
     result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
               "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
-              "strategy": strategy, "seed": seed, "trials": len(found.history),
+              "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
               "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
               "train": final.to_dict()}
     if budget.memory is not None:
         result["memory_estimate"] = space.memory(found.best, shape)
     structure = space.structure(found.best, budget, name=task.model_name, result=result)
     files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
-    say(f"test accuracy {outcome.test.get('accuracy', float('nan')):.4f} with {result['trainable_params']:,} "
+    say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
         f"trainable parameters (+{outcome.head_params:,} head)")
     return RunResult(found, structure, outcome, out_dir, files)
 

@@ -6,6 +6,9 @@
 - `csv:PATH` / `jsonl:PATH`: the user's text file (`text_column`, `label_column`).
 - `images:DIR`: a folder of images by class.
 - `hub:NAME`: a Hugging Face `datasets` name (needs the network).
+- `lm:PATH`: causal language modelling on a text file (.txt lines, or the `text_column` of a
+  CSV / JSONL) with a decoder (`--model` a local folder or hub name); metric: next-token accuracy,
+  perplexity reported.
 
 Models: `minilm` (default, the packaged all-MiniLM-L6-v2), `efficientnet-lite0`, a local
 folder with a config.json, or a hub name when online.
@@ -34,7 +37,7 @@ DEFAULT_MODEL = "minilm"
 DEFAULT_TASK = "rotten_tomatoes"
 TEXT_MODELS = {"minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2"}
 IMAGE_MODELS = {"efficientnet-lite0", "efficientnet_lite0"}
-TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME")
+TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME", "lm:PATH")
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Task:
     """Splits + a model factory + how to batch + the metric (higher is better)."""
 
     name: str
-    kind: str  # "text" | "image"
+    kind: str  # "text" | "image" | "lm"
     splits: D.Splits
     model_name: str
     model_factory: Callable[[], nn.Module]
@@ -50,6 +53,12 @@ class Task:
     metric: str = "accuracy"
     max_length: int = 64
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def new_head(self) -> bool:
+        """Classification tasks add a fresh head that trains with the modules; an LM's head is the
+        pretrained (often embedding-tied) output layer and stays frozen."""
+        return self.kind != "lm"
 
     @property
     def num_labels(self) -> int:
@@ -81,13 +90,19 @@ class Task:
                 idx = order[start:start + batch_size]
                 items = [x[i] for i in idx] if isinstance(x, list) else x[idx]
                 batch = self.encode(items)
-                batch["labels"] = torch.as_tensor(y[idx])
+                batch.setdefault("labels", torch.as_tensor(y[idx]))  # LM tasks make their own
                 yield batch
             epoch += 1
 
     def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Classification: accuracy and macro F1. LM (logits (B, T, V)): next-token accuracy."""
         from sklearn.metrics import f1_score
 
+        if self.kind == "lm":
+            target = labels[:, 1:]
+            keep = target != -100
+            hits = (logits[:, :-1].argmax(-1) == target) & keep
+            return {"token_accuracy": float(hits.sum() / keep.sum().clamp(min=1)), "tokens": int(keep.sum())}
         pred = logits.argmax(-1).cpu().numpy()
         true = labels.cpu().numpy()
         return {"accuracy": float((pred == true).mean()),
@@ -178,6 +193,8 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
         images = (d.images * (255.0 / 16.0)).astype(np.uint8)
         splits, modality = D.stratified_splits(images, d.target.astype(np.int64),
                                                tuple(str(i) for i in range(10)), seed), "image"
+    elif kind == "lm" and arg:
+        return _lm_task(name, arg, model, text_column, max_length, seed)
     elif kind == "images" and arg:
         splits, modality = D.image_folder(arg, image_size, seed), "image"
     else:
@@ -230,3 +247,44 @@ def build_model(name: str) -> nn.Module:
         raise TaskError(f"unknown model '{name}': {str(exc).splitlines()[0][:150]}") from None
     with torch.device("meta"):
         return AutoModel.from_config(config)
+
+
+def _lm_task(name: str, path: str, model: str | None, text_column: str, max_length: int, seed: int) -> Task:
+    """Causal LM on a text file: one example per line (.txt) or per row (CSV / JSONL)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    file = Path(path)
+    if not file.is_file():
+        raise TaskError(f"{file}: no such file")
+    if file.suffix == ".txt":
+        texts = [t for t in file.read_text(errors="replace").splitlines() if t.strip()]
+    else:
+        texts = D.text_file(file, text_column, text_column, seed).x_train  # reuse the CSV/JSONL reader
+    if len(texts) < 10:
+        raise TaskError(f"{file}: {len(texts)} non-empty texts; a language-modelling task needs at least 10")
+    if model is None:
+        raise TaskError("an lm: task needs --model: a local causal LM folder or a hub name (e.g. gpt2)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as exc:
+        raise TaskError(f"cannot load model '{model}' ({str(exc).splitlines()[0][:120]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    y = np.zeros(len(texts), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(texts))
+    cut = [int(0.8 * len(texts)), int(0.9 * len(texts))]
+    parts = [idx[: cut[0]], idx[cut[0]: cut[1]], idx[cut[1]:]]
+    splits = D.Splits(*[v for p in parts for v in ([texts[i] for i in p], y[p])], classes=("token",))
+
+    def encode(batch: list[str]) -> dict[str, Any]:
+        enc = dict(tokenizer(list(batch), padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100  # no loss on padding
+        enc["labels"] = labels
+        return enc
+
+    return Task(name, "lm", splits, model, lambda: AutoModelForCausalLM.from_pretrained(model), encode,
+                metric="token_accuracy", max_length=max_length)

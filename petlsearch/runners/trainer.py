@@ -109,23 +109,33 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int = 64,
              max_examples: int | None = None, device: torch.device | None = None) -> dict[str, float]:
-    """Metrics of `model` on a split (accuracy, macro F1, loss)."""
+    """Metrics of `model` on a split: the task's metric (accuracy, macro F1; or next-token accuracy
+    and perplexity for LM tasks) and the loss."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    logits, labels, losses = [], [], []
-    seen = 0
+    scores, logits, labels, loss_sum, seen = [], [], [], 0.0, 0
     for batch in task.batches(split, batch_size):
         out = model(**to_device(batch, device))
-        logits.append(out.logits.float().cpu())
-        labels.append(batch["labels"])
-        losses.append(float(out.loss) * len(batch["labels"]))
-        seen += len(batch["labels"])
+        n = len(batch["labels"])
+        if task.kind == "lm":  # (B, T, V) logits: score per batch, weight by tokens
+            scores.append(task.score(out.logits.float().cpu(), batch["labels"]))
+        else:
+            logits.append(out.logits.float().cpu())
+            labels.append(batch["labels"])
+        loss_sum += float(out.loss) * n
+        seen += n
         if max_examples is not None and seen >= max_examples:
             break
     model.train(was_training)
-    metrics = task.score(torch.cat(logits), torch.cat(labels))
-    metrics["loss"] = sum(losses) / max(seen, 1)
+    if task.kind == "lm":
+        tokens = sum(s["tokens"] for s in scores)
+        metrics = {task.metric: sum(s[task.metric] * s["tokens"] for s in scores) / max(tokens, 1)}
+    else:
+        metrics = task.score(torch.cat(logits), torch.cat(labels))
+    metrics["loss"] = loss_sum / max(seen, 1)
+    if task.kind == "lm":
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
     return metrics
 
 
@@ -134,7 +144,7 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
           after_step: Iterable[Callable[[int], None]] = (), progress: Any = None) -> TrainResult:
     """Train `groups` ([(params, lr)]) of `model` on the task's training split.
 
-    `report(step, val_accuracy)` is called at each evaluation and returns True to prune the trial;
+    `report(step, score)` (the task's metric on the validation split) is called at each evaluation and returns True to prune the trial;
     `after_step` callbacks run after every optimizer step (S3PET's architecture step);
     `progress` is an optional rich Progress task handle updater `progress(advance=1)`.
     """
@@ -174,11 +184,11 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
             history.append({"step": step, "loss": statistics.fmean(losses[-cfg.eval_every:]), **val})
-            if report is not None and report(step, val["accuracy"]):
+            if report is not None and report(step, val[task.metric]):
                 pruned = True
                 break
-            if val["accuracy"] > best:
-                best, stale = val["accuracy"], 0
+            if val[task.metric] > best:
+                best, stale = val[task.metric], 0
             else:
                 stale += 1
                 if cfg.patience is not None and stale >= cfg.patience:
@@ -187,6 +197,6 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
     val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
     history.append({"step": step, "loss": statistics.fmean(losses[-10:]) if losses else math.nan, **val})
     if report is not None and not pruned:
-        report(step, val["accuracy"])
+        report(step, val[task.metric])
     return TrainResult(step, history[-1]["loss"], val, history, time.perf_counter() - start,
                        statistics.median(times) if times else 0.0, pruned, stopped)

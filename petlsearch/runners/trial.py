@@ -52,7 +52,7 @@ class TrialOutcome:
 def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
               report: Callable[[int, float], bool] | None = None, test: bool = False,
               weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
-    """Train `placements` on a fresh backbone; score = validation accuracy."""
+    """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
     start = time.perf_counter()
     model = task.make_model()
     freeze_backbone(model)
@@ -63,7 +63,7 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
             fresh[name].prepare(model, itertools.islice(task.batches("train", cfg.batch_size, seed=cfg.seed),
                                                         PREPARE_BATCHES))
     applied = Structure(Backbone(), list(placements)).apply(model, graph, fresh, force=True)
-    head = head_parameters(model, graph) if cfg.train_head else []
+    head = head_parameters(model, graph) if cfg.train_head and task.new_head else []
     for p in head:
         p.requires_grad_(True)
     result = train(model, task, [(applied.parameters(), cfg.lr), (head, cfg.head_lr)], cfg,
@@ -72,7 +72,7 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
     if weights_path is not None:
         applied.save_weights(weights_path)
         _save_head(model, graph, Path(weights_path).with_name("head.safetensors"))
-    return TrialOutcome(result.val["accuracy"], applied.trainable_count(), sum(p.numel() for p in head),
+    return TrialOutcome(result.val[task.metric], applied.trainable_count(), sum(p.numel() for p in head),
                         result.val, result, test_metrics, time.perf_counter() - start)
 
 

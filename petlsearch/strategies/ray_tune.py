@@ -163,8 +163,10 @@ class RayTuneSearch(Strategy):
         known = ctx.finished()
         history, unfinished = [], 0
         for res, status in zip(grid, _statuses(grid)):
-            if status not in ("TERMINATED", "ERROR"):
-                unfinished += 1  # cut off by an interruption: restored and rerun by the next run
+            # Tune marks `done` on a trial's last result when it returned or ASHA stopped it; one stopped
+            # by a Ctrl-C (or the time budget) is TERMINATED without it, and a restore reruns it
+            if status != "ERROR" and not (status == "TERMINATED" and (res.metrics or {}).get("done")):
+                unfinished += 1
                 continue
             record = _record(res, status)
             if record is None:

@@ -177,7 +177,7 @@ class Supernet:
         """The trainer's parameter groups: every module's weights, and the head unless frozen."""
         from petlsearch.runners.trainer import head_parameters
 
-        self._head = head_parameters(self.model, self.graph) if cfg.train_head else []
+        self._head = head_parameters(self.model, self.graph) if cfg.train_head and task.new_head else []
         for p in self._head:
             p.requires_grad_(True)
         return [(self.module_parameters(), cfg.lr), (self._head, cfg.head_lr)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,30 @@ def test_failing_trial_is_recorded_and_callers_ray_is_left_running(tmp_path):
     assert all(len(r.placements) % 2 == 1 for r in failed)
     # every failed structure ran twice (one retry), every other once
     assert len(calls_in(calls)) == 4 + len(failed)
+
+
+def test_interrupted_search_is_restored_without_rerunning_finished_trials(tmp_path):
+    space = tiny_space()
+    calls, driver = tmp_path / "calls", os.getpid()
+    calls.mkdir()
+
+    def objective(placements, report):
+        n = len(calls_in(calls))
+        (calls / str(n)).write_text("")
+        if n == 1 and not (tmp_path / "interrupted").exists():  # Ctrl-C while the 2nd trial trains
+            (tmp_path / "interrupted").write_text("")
+            os.kill(driver, signal.SIGINT)
+            time.sleep(60)
+        return Outcome(quality(space, placements))
+
+    def ctx():
+        return SearchContext(space, Budget.parse("1000"), None, FAST, n_trials=3, out_dir=tmp_path / "run",
+                             objective=objective)
+
+    with pytest.raises(KeyboardInterrupt, match="restore"):
+        RayTuneSearch(num_cpus=2, max_concurrent=1).run(ctx())
+    assert not ray.is_initialized() and calls_in(calls) == ["0", "1"]
+    result = RayTuneSearch(num_cpus=2, max_concurrent=1).run(ctx())
+    assert sorted(r.number for r in result.history) == [0, 1, 2]
+    assert all(r.status == "complete" for r in result.history)
+    assert calls_in(calls) == ["0", "1", "2", "3"]  # trial 0 kept, trial 1 rerun, trial 2 new

@@ -1,0 +1,1 @@
+"""petlsearch benchmarks: `python -m bench [--quick] [--only NAME,...]` (see docs/benchmarks.md)."""

@@ -1,0 +1,87 @@
+"""`python -m bench [--quick] [--only NAME,...]`: run the benchmarks, write bench/results/.
+
+Each benchmark writes NAME.md and NAME.json (NAME-quick.* in quick mode) and its plots, and this
+command writes summary.md (summary-quick.md) with every target. Tables go to stdout, messages to
+stderr. See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import RESULTS, Options, Report, Table
+
+log = logging.getLogger("bench")
+BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "vision")
+CHEAP = ("overhead", "scale", "memory")
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small, fast versions (what the test suite runs)")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all); "
+                                              "'cheap' = overhead,scale,memory")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: bench/results)")
+    p.add_argument("--steps", type=int, help="training steps per run (zoo, search, vision)")
+    p.add_argument("--seeds", type=int, help="seeds per method (zoo, vision)")
+    p.add_argument("--repeats", type=int, help="interleaved timing rounds (overhead)")
+    p.add_argument("--trials", type=int, help="trials per search (search), trials timed (overhead)")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
+    names = [m for n in names for m in (CHEAP if n == "cheap" else (n,))]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials), names
+
+
+def run_one(name: str, opts: Options) -> Report:
+    module = importlib.import_module(f"bench.{name}")
+    start = time.perf_counter()
+    report = module.run(opts)
+    report.seconds = time.perf_counter() - start
+    md, js = report.write(opts.out)
+    log.info("%s: %.0f s, wrote %s and %s", name, report.seconds, md, js)
+    return report
+
+
+def summary(reports: Sequence[Report], opts: Options) -> Path:
+    table = Table("Targets", ["benchmark", "figure", "measured", "target", ""])
+    for r in reports:
+        for t in r.targets:
+            table.add(r.name, *t.row())
+        if r.skipped:
+            table.add(r.name, "(skipped)", r.skipped, "", "")
+    path = opts.out / ("summary-quick.md" if opts.quick else "summary.md")
+    links = ", ".join(f"[{r.name}]({r.stem}.md)" for r in reports)
+    path.write_text(f"# Benchmark summary\n\nReports: {links}\n\n{table.markdown()}")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    opts, names = parse(argv)
+    reports = []
+    for name in names:
+        log.info("running %s%s", name, " (quick)" if opts.quick else "")
+        report = run_one(name, opts)
+        sys.stdout.write(report.markdown() + "\n")
+        reports.append(report)
+    path = summary(reports, opts)
+    log.info("summary: %s", path)
+    failed = [f"{r.name}: {t.name}" for r in reports for t in r.targets if not t.passed]
+    if failed:
+        log.warning("targets missed: %s", "; ".join(failed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Causal LM tasks: a decoder from a local folder, LoRA on its fused qkv, next-token metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+from petlsearch.errors import TaskError
+from petlsearch.plugins import create_plugin
+from petlsearch.runners.tasks import get_task
+from petlsearch.runners.trainer import TrainConfig
+from petlsearch.runners.trial import run_trial
+from petlsearch.searchspace.structure import Placement
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from petlsearch.runners.data import minilm_path
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # a real vocabulary
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4,
+                               n_positions=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_lm_task_trains_lora_and_reports_perplexity(lm_folder, tmp_path) -> None:
+    from petlsearch.runners.data import rotten_tomatoes
+
+    text = tmp_path / "reviews.txt"
+    text.write_text("\n".join(rotten_tomatoes().x_train[:80]))
+    task = get_task(f"lm:{text}", str(lm_folder), max_length=24)
+    assert task.kind == "lm" and task.metric == "token_accuracy"
+    placements = [Placement(f"decoder.L{i}.attn.qkv:weight", "lora", {"rank": 4, "alpha": 8, "dropout": 0.0})
+                  for i in range(2)]
+    out = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=4, batch_size=8),
+                    test=True)
+    assert out.params == 2 * 4 * (32 + 96) and out.head_params == 0  # the LM head stays frozen (tied)
+    assert 0.0 <= out.score <= 1.0 and out.metrics["perplexity"] > 1.0
+    assert set(out.test) >= {"token_accuracy", "perplexity", "loss"}
+
+
+def test_lm_task_errors(tmp_path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("one\ntwo\n")
+    with pytest.raises(TaskError, match="at least 10"):
+        get_task(f"lm:{short}", "gpt2")
+    with pytest.raises(TaskError, match="no such file"):
+        get_task(f"lm:{tmp_path / 'missing.txt'}", "gpt2")
