@@ -31,6 +31,19 @@ def _csv(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """KEY=VALUE strategy options; values are read as YAML scalars/lists (safe_load: no code)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise PetlsearchError(f"strategy option {pair!r} must look like key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _load_extra_plugins(specs: Sequence[str] | None) -> list[str]:
     from petlsearch.plugins.registry import load_spec
 
@@ -45,6 +58,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     console = _console()
     plugins = (_csv(args.plugins) or list(DEFAULT_PLUGINS)) + _load_extra_plugins(args.plugin)
+    options = _options(args.option)
+    if args.address:
+        options["address"] = args.address
     fidelity = final = None
     if args.steps or args.final_steps:
         from dataclasses import replace
@@ -65,7 +81,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         strategy=args.strategy, plugins=plugins, trials=args.trials, out=args.out,
                         resume=args.resume, seed=args.seed, include_head=args.include_head,
                         roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
-                        fidelity=fidelity, final=final, timeout=args.timeout, progress=say)
+                        fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
+                        strategy_options=options)
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "
@@ -212,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="training steps per trial")
     s.add_argument("--final-steps", type=int, help="training steps of the final retraining")
     s.add_argument("--timeout", type=float, help="stop proposing trials after this many seconds")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="strategy option, e.g. objectives=[score,params] (optuna), steps=300 (s3pet)")
+    s.add_argument("--address", help="ray: address of an existing Ray cluster (default: a local Ray)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="runs/latest", help="run folder")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

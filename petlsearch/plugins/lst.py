@@ -91,8 +91,8 @@ class LadderSide(PETLModule):
         self._hosts.append(host)
         for i, block in enumerate(blocks):
             self._handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(self._post(i, last=i == len(blocks) - 1),
-                                                             with_kwargs=True))
+            self._handles.append(block.register_forward_hook(  # always: restore grad mode on errors too
+                self._post(i, last=i == len(blocks) - 1), with_kwargs=True, always_call=True))
 
     def _pre(self, i: int) -> Any:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -108,7 +108,7 @@ class LadderSide(PETLModule):
     def _post(self, i: int, last: bool) -> Any:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             torch.set_grad_enabled(self._grad.pop() if self._grad else True)
-            if self.gate_off or self._side is None:
+            if self.gate_off or self._side is None or out is None:
                 return None
             if i in self.kept:
                 k = self.kept.index(i)

@@ -165,7 +165,8 @@ class _BiLevel:
         net.set_beta(beta_at(self.s.beta, 0, cfg.steps))
         self._snapshot(0)
         try:
-            result = train(net.model, self.search_task, net.groups(cfg), cfg, after_step=[self.after_step])
+            result = train(net.model, self.search_task, net.groups(cfg, self.search_task.new_head), cfg,
+                           after_step=[self.after_step])
             return result.val
         except _OutOfTime:
             self.stopped = True

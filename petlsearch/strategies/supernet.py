@@ -173,11 +173,11 @@ class Supernet:
             self._replay = None
 
     # ------------------------------------------------------------------ parameters
-    def groups(self, cfg: TrainConfig) -> list[tuple[list[nn.Parameter], float]]:
+    def groups(self, cfg: TrainConfig, new_head: bool = True) -> list[tuple[list[nn.Parameter], float]]:
         """The trainer's parameter groups: every module's weights, and the head unless frozen."""
         from petlsearch.runners.trainer import head_parameters
 
-        self._head = head_parameters(self.model, self.graph) if cfg.train_head and task.new_head else []
+        self._head = head_parameters(self.model, self.graph) if cfg.train_head and new_head else []
         for p in self._head:
             p.requires_grad_(True)
         return [(self.module_parameters(), cfg.lr), (self._head, cfg.head_lr)]
