@@ -52,6 +52,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
     """
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget, memory_budget, include_head)
+    strat = get_strategy(strategy, **(strategy_options or {}))  # bad names fail before any loading
     out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
                                          "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
                                          "trials": trials, "seed": seed})
@@ -78,7 +79,6 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
         return run_trial(task, placements, space.plugins, fidelity, report=report)
 
     ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say)
-    strat = get_strategy(strategy, **(strategy_options or {}))
     found = strat.run(ctx)
     ctx.check_fits(found.best)  # never return an over-budget structure
     say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters)")

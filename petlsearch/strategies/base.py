@@ -209,4 +209,10 @@ def get_strategy(name: str, **options: Any) -> Strategy:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise PetlsearchError(f"strategy '{name}' is not available: {exc}") from exc
+    import inspect
+
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise PetlsearchError(f"strategy '{name}' has no option(s) {unknown}; its options: {accepted}")
     return cls(**options)
