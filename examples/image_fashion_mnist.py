@@ -7,10 +7,11 @@
 import logging
 
 import petlsearch
+from petlsearch.runners.tasks import get_task
 from petlsearch.runners.trainer import TrainConfig
 
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-task = petlsearch.runners.tasks.get_task("fashion_mnist", "efficientnet-lite0", limit=6000)
+task = get_task("fashion_mnist", "efficientnet-lite0", limit=6000)
 result = petlsearch.search(task=task, budget="1%", strategy="random", trials=4, plugins=["bitfit", "lora"],
                            fidelity=TrainConfig(steps=60, batch_size=32, max_eval_examples=512),
                            final=TrainConfig(steps=300, batch_size=32), out="runs/example_image", resume=True)
