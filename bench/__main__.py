@@ -33,19 +33,28 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     p.add_argument("--seeds", type=int, help="seeds per method (zoo, vision)")
     p.add_argument("--repeats", type=int, help="interleaved timing rounds (overhead)")
     p.add_argument("--trials", type=int, help="trials per search (search), trials timed (overhead)")
+    p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, else torch's default)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     names = [m for n in names for m in (CHEAP if n == "cheap" else (n,))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials), names
+    return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials, args.threads), names
 
 
 def run_one(name: str, opts: Options) -> Report:
+    import torch
+
     module = importlib.import_module(f"bench.{name}")
+    threads = torch.get_num_threads()
+    # one thread by default in quick mode: on a busy shared machine a second thread mostly waits
+    torch.set_num_threads(opts.threads or (1 if opts.quick else threads))
     start = time.perf_counter()
-    report = module.run(opts)
+    try:
+        report = module.run(opts)
+    finally:
+        torch.set_num_threads(threads)
     report.seconds = time.perf_counter() - start
     md, js = report.write(opts.out)
     log.info("%s: %.0f s, wrote %s and %s", name, report.seconds, md, js)

@@ -36,6 +36,7 @@ class Options:
     seeds: int | None = None  # seeds per method (zoo, vision)
     repeats: int | None = None  # timing rounds (overhead)
     trials: int | None = None  # trials per search (search)
+    threads: int | None = None  # torch threads (None: 1 in quick mode, torch's default otherwise)
 
     def pick(self, quick: Any, full: Any, override: Any = None) -> Any:
         """`override` when given, else the quick or the full default."""

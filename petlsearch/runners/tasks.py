@@ -207,15 +207,32 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
         display, factory, tokenizer = _text_model(model or DEFAULT_MODEL, n)
         return Task(name, "text", splits, display, factory, _text_encoder(tokenizer, max_length), max_length=max_length)
     model = model or "efficientnet-lite0"
-    if model.lower() not in IMAGE_MODELS:
-        raise TaskError(f"image task '{name}' needs an image model; use --model efficientnet-lite0")
+    if model.lower() in IMAGE_MODELS:
+        def image_factory() -> nn.Module:
+            from petlsearch.runners.models import ImageClassifier
 
-    def image_factory() -> nn.Module:
-        from petlsearch.runners.models import ImageClassifier
+            return ImageClassifier(D.efficientnet_lite0(n))
 
-        return ImageClassifier(D.efficientnet_lite0(n))
+        return Task(name, "image", splits, "efficientnet-lite0", image_factory, _image_encoder(image_size))
+    return _hf_image_task(name, splits, model)
 
-    return Task(name, "image", splits, "efficientnet-lite0", image_factory, _image_encoder(image_size))
+
+def _hf_image_task(name: str, splits: D.Splits, model: str) -> Task:
+    """A transformers image classifier (ViT, CLIP vision tower, ...) from a local folder or the hub."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as exc:
+        raise TaskError(f"cannot load image model '{model}' ({str(exc).splitlines()[0][:120]}); offline "
+                        "machines can use --model efficientnet-lite0 or a local folder") from None
+    size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", 224)
+    n = len(splits.classes)
+
+    def factory() -> nn.Module:
+        return AutoModelForImageClassification.from_pretrained(model, num_labels=n, ignore_mismatched_sizes=True)
+
+    return Task(name, "image", splits, model, factory, _image_encoder(int(size)))
 
 
 def _limit(splits: D.Splits, limit: int, seed: int) -> D.Splits:

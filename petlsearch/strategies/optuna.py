@@ -140,12 +140,13 @@ class OptunaSearch(Strategy):
             study.set_user_attr(k, v)
         return study
 
-    def _sampler(self, optuna: Any, objectives: tuple[str, ...], startup: int, seed: int) -> optuna.samplers.BaseSampler:
+    def _sampler(self, optuna: Any, objectives: tuple[str, ...], startup: int, seed: int) -> Any:
         if not isinstance(self.sampler, str):
             return self.sampler
         kind = self.sampler
         if kind not in SAMPLERS:
-            raise PetlsearchError(f"unknown sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; choose one of {', '.join(SAMPLERS)}")
+            raise PetlsearchError(f"unknown sampler '{kind}'{did_you_mean(kind, SAMPLERS)}; "
+                                  f"choose one of {', '.join(SAMPLERS)}")
         if kind == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         if kind == "nsga2" or (kind == "auto" and len(objectives) > 1):
@@ -155,12 +156,13 @@ class OptunaSearch(Strategy):
             # multivariate + group: the encoding is conditional (a group's dims exist only when it is on)
             return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True)
 
-    def _pruner(self, optuna: Any, objectives: tuple[str, ...], startup: int, ctx: SearchContext) -> optuna.pruners.BasePruner:
+    def _pruner(self, optuna: Any, objectives: tuple[str, ...], startup: int, ctx: SearchContext) -> Any:
         if not isinstance(self.pruner, (str, type(None))):
             return self.pruner
         kind = self.pruner or "none"
         if kind not in PRUNERS:
-            raise PetlsearchError(f"unknown pruner '{kind}'{did_you_mean(kind, PRUNERS)}; choose one of {', '.join(PRUNERS)}")
+            raise PetlsearchError(f"unknown pruner '{kind}'{did_you_mean(kind, PRUNERS)}; "
+                                  f"choose one of {', '.join(PRUNERS)}")
         if kind == "none" or len(objectives) > 1:
             return optuna.pruners.NopPruner()
         if not ctx.fidelity.eval_every:

@@ -107,7 +107,8 @@ class RayTuneSearch(Strategy):
         if ctx.objective is None:
             raise PetlsearchError("the ray strategy needs a SearchContext with an objective")
         enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible)
-        root = Path(ctx.out_dir).resolve() / "ray" if ctx.out_dir else Path(tempfile.mkdtemp(prefix="petlsearch-ray-"))
+        root = (Path(ctx.out_dir).resolve() / "ray" if ctx.out_dir
+                else Path(tempfile.mkdtemp(prefix="petlsearch-ray-")))  # no run folder: nothing to restore
         trainable = tune.with_resources(tune.with_parameters(_trainable, objective=ctx.objective,
                                                              steps=ctx.fidelity.steps,
                                                              threads=max(1, int(self.cpus_per_trial))),
@@ -117,9 +118,10 @@ class RayTuneSearch(Strategy):
             log.info("ray: restoring the interrupted experiment in %s", path)
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
         else:
+            retries = tune.FailureConfig(max_failures=self.max_failures)
             tuner = tune.Tuner(trainable, tune_config=self._tune_config(ctx, objectives, enc),
                                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(root), verbose=0,
-                                                         failure_config=tune.FailureConfig(max_failures=self.max_failures)))
+                                                         failure_config=retries))
         grid = tuner.fit()
         history = self._history(ctx, grid)
         extras = {"experiment": path, "groups": len(enc.groups), "group_by": enc.group_by,

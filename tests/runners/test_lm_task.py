@@ -49,3 +49,18 @@ def test_lm_task_errors(tmp_path) -> None:
         get_task(f"lm:{short}", "gpt2")
     with pytest.raises(TaskError, match="no such file"):
         get_task(f"lm:{tmp_path / 'missing.txt'}", "gpt2")
+
+
+def test_image_task_with_a_transformers_vit_folder(tmp_path) -> None:
+    """An image task on a ViT from a local folder (as a hub name would load it online)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    folder = tmp_path / "tiny-vit"
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=64)).save_pretrained(folder)
+    task = get_task("digits", str(folder))
+    batch = next(task.batches("train", 4))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    placements = [Placement("vision.L1.attn.q:weight", "lora", {"rank": 2, "alpha": 4, "dropout": 0.0})]
+    out = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=3, batch_size=8))
+    assert out.params == 2 * 64 and out.head_params == 32 * 10 + 10

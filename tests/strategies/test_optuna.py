@@ -63,9 +63,9 @@ def test_tpe_on_real_training(tiny_task, tmp_path):
     def objective(placements, report):
         return run_trial(tiny_task, placements, space.plugins, FAST, report=report)
 
-    ctx = make_ctx(space, objective, tmp_path, n_trials=3, budget="1500")
+    ctx = make_ctx(space, objective, tmp_path, n_trials=2, budget="1500")
     result = OptunaSearch(startup_trials=2).run(ctx)
-    assert len(result.history) == 3 and result.best
+    assert len(result.history) == 2 and result.best
     assert space.count(result.best) <= 1500
     assert all(r.status in ("complete", "pruned") and r.intermediate for r in result.history)
     assert (tmp_path / "optuna.journal").exists()
