@@ -27,6 +27,7 @@ demo: install
 	$(VENV)/bin/petlsearch search --budget 0.01% --out runs/demo --resume
 
 test: install
+	$(VENV)/bin/ruff check petlsearch tests bench examples
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

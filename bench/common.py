@@ -53,7 +53,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, result
 
 
-def interleave(fns: dict[str, Callable[[], Any]], rounds: int, inner: int = 1, warmup: int = 1) -> dict[str, list[float]]:
+def interleave(fns: dict[str, Callable[[], Any]], rounds: int, inner: int = 1,
+               warmup: int = 1) -> dict[str, list[float]]:
     """Per-round times of each function, run alternately in one process.
 
     Each round runs every function `inner` times and keeps the median of those calls; the order of

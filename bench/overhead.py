@@ -46,7 +46,8 @@ def _train_step(prep: M.Prepared, batch: dict[str, Any]) -> Any:
     return step
 
 
-def step_ratios(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner: int, table: Table) -> dict[str, float]:
+def step_ratios(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner: int,
+                table: Table) -> dict[str, float]:
     """petlsearch / peft step time for LoRA (q, v) and IA3 (k, v, FFN), interleaved."""
     ratios = {}
     for kind, ours, theirs in (

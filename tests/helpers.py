@@ -39,3 +39,18 @@ def tiny_text_task(limit: int = 256, seed: int = 0, layers: int = 2, hidden: int
 
     return Task("rotten_tomatoes_tiny", "text", splits, "tiny-bert", factory, _text_encoder(tokenizer, 32),
                 max_length=32)
+
+
+def frozen_tiny(family: str = "bert"):
+    """A tiny model of `family` with every parameter frozen, and its graph."""
+    from petlsearch.plugins import _tiny as tiny
+    from petlsearch.searchspace.graph import ModelGraph
+
+    model = tiny.FAMILIES[family]()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, ModelGraph.from_model(model)
+
+
+def trainable_numel(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

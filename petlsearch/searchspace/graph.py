@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import warnings
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 

@@ -6,18 +6,7 @@ import torch
 
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.compacter import Compacter, CompacterAdapter, CompacterPlusPlus, kron_sum
-from petlsearch.searchspace.graph import ModelGraph
-
-
-def _frozen(family: str = "bert"):
-    model = tiny.FAMILIES[family]()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ModelGraph.from_model(model)
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
 
 
 def test_kron_sum_is_sum_of_kronecker_products():

@@ -10,23 +10,12 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.context import use
 from petlsearch.plugins.hyperprompt import HyperPrompt
-from petlsearch.searchspace.graph import ModelGraph
-
-
-def _frozen(family: str = "bert"):
-    model = tiny.FAMILIES[family]()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ModelGraph.from_model(model)
+from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
 
 
 def _run(model, family: str = "bert") -> torch.Tensor:
     with torch.no_grad():
         return tiny.output_tensor(model(**tiny.inputs(family)))
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_counts_by_formula_with_one_shared_hypernetwork():

@@ -8,14 +8,7 @@ from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.kadaptation import KAdaptation
 from petlsearch.plugins.testing import _perturb
 from petlsearch.scoring import IntrinsicDimension
-from petlsearch.searchspace.graph import ModelGraph
-
-
-def _frozen(family: str = "bert"):
-    model = tiny.FAMILIES[family]()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ModelGraph.from_model(model)
+from tests.helpers import frozen_tiny as _frozen
 
 
 def _run(model, family: str = "bert") -> torch.Tensor:

@@ -9,23 +9,12 @@ from petlsearch.plugins.adapter import ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.mam import MAMAdapter
 from petlsearch.plugins.prefix_tuning import PrefixModule
 from petlsearch.plugins.testing import _perturb
-from petlsearch.searchspace.graph import ModelGraph
-
-
-def _frozen(family: str = "bert"):
-    model = tiny.FAMILIES[family]()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ModelGraph.from_model(model)
+from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
 
 
 def _run(model, family: str = "bert") -> torch.Tensor:
     with torch.no_grad():
         return tiny.output_tensor(model(**tiny.inputs(family)))
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_sites_and_paper_defaults():

@@ -12,6 +12,7 @@ from petlsearch.plugins._attention import IMPL
 from petlsearch.plugins.prefix_tuning import PrefixTuning
 from petlsearch.plugins.testing import _perturb
 from petlsearch.searchspace.graph import ModelGraph
+from tests.helpers import trainable_numel as _trainable
 
 
 def _frozen(family: str = "bert", impl: str = "sdpa"):
@@ -25,10 +26,6 @@ def _frozen(family: str = "bert", impl: str = "sdpa"):
 def _run(model, family: str = "bert", **over) -> torch.Tensor:
     with torch.no_grad():
         return tiny.output_tensor(model(**{**tiny.inputs(family), **over}))
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_counts_by_formula():

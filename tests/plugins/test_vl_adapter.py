@@ -11,18 +11,7 @@ from petlsearch.plugins.adapter import bottleneck_count
 from petlsearch.plugins.context import use
 from petlsearch.plugins.testing import _perturb, check_plugin
 from petlsearch.plugins.vl_adapter import SharedAdapter
-from petlsearch.searchspace.graph import ModelGraph
-
-
-def _frozen(family: str = "bert"):
-    model = tiny.FAMILIES[family]()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, ModelGraph.from_model(model)
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
 
 
 def test_counts_by_formula():

@@ -1,0 +1,170 @@
+"""Memory: training memory of every plugin, measured and modelled, and LST against full fine-tuning.
+
+For every registered plugin at its default size (all of its sites, default config) on MiniLM
+(all-MiniLM-L6-v2's config) and on T5-base (config, random weights): the trainable parameters,
+the memory of one training step measured by petlsearch.searchspace.memory.measure (CPU: the
+bytes autograd keeps, weights, gradients, AdamW state) and modelled by .estimate, and the model's
+error (target: within 15%, on the total and on the activations alone, so that the frozen weights
+cannot hide an error). Full fine-tuning is measured beside them. Then LST's training memory on
+T5-base at batch 16 x 128 tokens as a share of full fine-tuning's (target <= 35%) and of LoRA's
+(target <= 60%), as in the LST paper's Table 1 setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import methods as M
+from bench.common import Options, Report, Table, Target, median, mib
+
+log = logging.getLogger(__name__)
+NAME = "memory"
+TITLE = "Memory: training memory per plugin, measured vs modelled"
+LST_SHAPE = (16, 128)
+# on T5-base one step of full fine-tuning takes minutes on a shared 2-core CPU: the per-plugin table
+# there covers the default search plugins, the token methods and LST
+T5_PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3", "prompt_tuning", "prefix_tuning", "lst")
+
+
+def models(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
+    """name -> (model with random weights, (batch, seq) of the per-plugin table)."""
+    from transformers import AutoConfig, BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+
+    from petlsearch.runners import data as D
+
+    torch.manual_seed(0)
+    if quick:
+        bert = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=256, num_labels=2)
+        t5 = T5Config(vocab_size=500, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0)
+        return {"tiny BERT": (BertForSequenceClassification(bert), (4, 32)),
+                "tiny T5": (T5ForConditionalGeneration(t5), (4, 32))}
+    minilm = AutoConfig.from_pretrained(D.minilm_path(), num_labels=2)
+    t5 = T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64)  # T5-base
+    return {"all-MiniLM-L6-v2": (BertForSequenceClassification(minilm), (16, 64)),
+            "T5-base": (T5ForConditionalGeneration(t5), (2, 64))}
+
+
+def make_batch(model: nn.Module, batch: int, seq: int) -> dict[str, Any]:
+    """Random tokens (memory does not depend on their values), with labels for the model's loss."""
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.is_encoder_decoder:
+        out.update(decoder_input_ids=ids.flip(1), labels=ids)
+    else:
+        out["labels"] = torch.randint(0, model.config.num_labels, (batch,), generator=g)
+    return out
+
+
+def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any) -> dict[str, Any]:
+    """Measured and estimated memory of plugin `name` at every site of `base` (head frozen)."""
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.memory import estimate, measure
+
+    model = copy.deepcopy(base)
+    graph = ModelGraph.from_model(model)
+    prep = M.apply_plugin(model, name, batches=[batch], graph=graph)
+    for p in prep.head:  # the head is counted apart from a structure: measure the method alone
+        p.requires_grad_(False)
+    params = [p for p in M._unique(prep.params) if p.requires_grad]
+    if not params:  # training-free (Tip-Adapter): nothing to step
+        return {"plugin": name, "params": 0, "sites": len(prep.placements), "error": "no trainable parameters"}
+    measured = measure(model, batch, params)
+    est = estimate(graph, prep.placements, shape)
+    return {"plugin": name, "params": prep.trainable, "sites": len(prep.placements), "measured": measured.total,
+            "estimated": est.total, "act_measured": measured.activations, "act_estimated": est.activations,
+            "error": (est.total - measured.total) / measured.total,
+            "act_error": (est.activations - measured.activations) / max(1, measured.activations)}
+
+
+def full_ft(base: nn.Module, batch: dict[str, Any]) -> int:
+    from petlsearch.searchspace.memory import measure
+
+    model = copy.deepcopy(base)
+    return measure(model, batch, list(M.full_finetuning(model).model.parameters())).total
+
+
+def per_plugin(label: str, base: nn.Module, bs: tuple[int, int], plugins: list[str]) -> tuple[Table, list[dict]]:
+    from petlsearch.plugins.base import BatchShape
+
+    batch, shape = make_batch(base, *bs), BatchShape(*bs)
+    table = Table(f"{label}, batch {bs[0]} x {bs[1]} tokens (one training step, AdamW, fp32, CPU)",
+                  ["method", "sites", "trainable", "measured MiB", "estimated MiB", "error", "activations MiB",
+                   "activation error", "/ full FT"])
+    full = full_ft(base, batch)
+    n_all = sum(p.numel() for p in base.parameters())
+    table.add("full fine-tuning", "", n_all, mib(full), "", "", "", "", 1.0)
+    rows = []
+    for name in plugins:
+        try:
+            r = plugin_row(base, name, batch, shape)
+        except Exception as exc:  # a plugin without sites here, or one that fails, is listed
+            r = {"plugin": name, "error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+        if "measured" not in r:
+            log.info("memory: %s on %s: %s", name, label, r["error"])
+            continue
+        rows.append(r)
+        table.add(name, r["sites"], r["params"], mib(r["measured"]), mib(r["estimated"]), f"{r['error']:+.1%}",
+                  mib(r["act_measured"]), f"{r['act_error']:+.1%}", r["measured"] / full)
+    return table, rows
+
+
+def lst_ratios(base: nn.Module, report: Report) -> None:
+    """LST / full fine-tuning and LST / LoRA on T5-base at batch 16 x 128."""
+    from petlsearch.plugins import list_plugins
+    from petlsearch.plugins.base import BatchShape
+
+    if "lst" not in list_plugins():
+        report.notes.append("The lst plugin is not registered: no LST ratios.")
+        return
+    batch = make_batch(base, *LST_SHAPE)
+    full = full_ft(base, batch)
+    lora = plugin_row(base, "lora", batch, BatchShape(*LST_SHAPE))
+    lst = plugin_row(base, "lst", batch, BatchShape(*LST_SHAPE))
+    table = Table(f"LST on T5-base, batch {LST_SHAPE[0]} x {LST_SHAPE[1]} tokens (measured)",
+                  ["method", "trainable", "measured MiB", "estimated MiB", "/ full FT", "LST / this"])
+    table.add("full fine-tuning", sum(p.numel() for p in base.parameters()), mib(full), "", 1.0, lst["measured"] / full)
+    for r in (lora, lst):
+        table.add(r["plugin"], r["params"], mib(r["measured"]), mib(r["estimated"]), r["measured"] / full,
+                  lst["measured"] / r["measured"])
+    report.tables.append(table)
+    report.targets += [Target("LST / full fine-tuning (T5-base, 16 x 128)", 100 * lst["measured"] / full, 35, unit="%"),
+                       Target("LST / LoRA (T5-base, 16 x 128)", 100 * lst["measured"] / lora["measured"], 60, unit="%")]
+    report.data["lst"] = {"full": full, "lora": lora, "lst": lst}
+
+
+def run(opts: Options) -> Report:
+    from petlsearch.plugins import list_plugins
+
+    report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
+    plugins = ["lora", "ia3", "lst"] if opts.quick else list_plugins()
+    plugins = [p for p in plugins if p in list_plugins()]
+    errors = []
+    for label, (base, bs) in models(opts.quick).items():
+        for p in base.parameters():
+            p.requires_grad_(False)
+        here = [p for p in plugins if label != "T5-base" or p in T5_PLUGINS]
+        table, rows = per_plugin(label, base, bs, here)
+        report.tables.append(table)
+        report.data[label] = rows
+        errors += [abs(r["error"]) for r in rows]
+        if label == "T5-base":
+            lst_ratios(base, report)
+    worst = max(errors, default=float("nan"))
+    report.targets.insert(0, Target("memory model, worst |error| over plugins and models", 100 * worst, 15, unit="%"))
+    report.targets.insert(1, Target("memory model, median |error|", 100 * median(errors), 15, unit="%"))
+    report.notes += ["Weights are random (built from the configs): memory does not depend on their values.",
+                     "A plugin without sites on a model, or without trainable parameters (Tip-Adapter's "
+                     "training-free cache), has no row there.",
+                     "The task head is frozen in these measurements: a structure's budget counts it apart."]
+    if opts.quick:
+        report.notes.append("Quick mode: tiny BERT and T5 configs; no LST ratios (they need T5-base).")
+    return report

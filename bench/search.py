@@ -1,0 +1,175 @@
+"""Search: accuracy vs budget for each strategy at equal compute, beside hand-made structures.
+
+For each budget (0.01%, 0.1%, 1% of the backbone) and strategy (random, optuna, s3pet, ray) the
+whole pipeline (petlsearch.runners.search.search) searches the default space (LoRA, adapters,
+parallel adapters, BitFit, IA3) on MiniLM / Rotten Tomatoes and retrains the found structure;
+every strategy gets the same number of training steps (trials x steps per trial; S3PET's
+supernet gets (trials - 1) x steps and its final structure one trial). Beside them: the best of
+the hand-made structures that fit each budget (LoRA on q and v, LoRA on every projection,
+Houlsby adapters, IA3, BitFit, each at the largest uniform size that fits, in the top layers when
+the whole model does not), picked on the validation split, and full fine-tuning. Reported: test
+accuracy, trainable parameters, and the search cost (search wall time over one training run of
+the final structure); a Pareto plot of accuracy against parameters. Expensive.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench import methods as M
+from bench.common import Options, Report, Table, plt
+from bench.tasks import minilm_task, tiny_task
+
+log = logging.getLogger(__name__)
+NAME = "search"
+TITLE = "Search: accuracy vs budget per strategy at equal compute"
+PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
+HAND_MADE = (("LoRA q,v", "lora", ("attn.q", "attn.v")), ("LoRA all projections", "lora", None),
+             ("BitFit", "bitfit", None), ("Houlsby adapter", "adapter", None), ("IA3", "ia3", None))
+
+
+def strategies(quick: bool) -> list[str]:
+    if quick:
+        return ["random", "s3pet"]
+    import importlib.util
+
+    return ["random", "optuna", "s3pet"] + (["ray"] if importlib.util.find_spec("ray") else [])
+
+
+def fit_design(space: Any, plugin: str, roles: Any, limit: int) -> list[Any] | None:
+    """The largest uniform size of `plugin` on `roles` that fits `limit`, in as many top layers as fit."""
+    from petlsearch.plugins.dims import IntDim
+
+    cands = [c for c in space.candidates if c.plugin == plugin
+             and (roles is None or c.site.role in roles) and c.site.layer is not None]
+    layers = sorted({c.site.layer for c in cands}, reverse=True)
+    for n in range(len(layers), 0, -1):
+        chosen = [c for c in cands if c.site.layer in layers[:n]]
+        size_dim = next((k for k, d in chosen[0].dims.items() if isinstance(d, IntDim)), None) if chosen else None
+        high = min((c.dims[size_dim].high for c in chosen), default=1) if size_dim else 1
+        sizes = sorted({2 ** i for i in range(high.bit_length()) if 2 ** i <= high} | {1}, reverse=True)
+        for size in sizes if size_dim else [None]:
+            placements = [c.placement(space.plugins[plugin].config(c.site, {size_dim: size} if size_dim else {}))
+                          for c in chosen]
+            if space.count(placements) <= limit:
+                return placements
+    return None
+
+
+def hand_made(task: Any, space: Any, budget: str, final: Any, designs: Any) -> dict[str, Any] | None:
+    """Each design that fits, trained at the final fidelity; the best on validation."""
+    from petlsearch.runners.trial import run_trial
+    from petlsearch.searchspace.budget import Budget
+
+    limit = Budget.parse(budget).max_params(space.backbone_params)
+    best = None
+    for label, plugin, roles in designs:
+        placements = fit_design(space, plugin, roles, limit)
+        if placements is None:
+            continue
+        out = run_trial(task, placements, space.plugins, final, test=True)
+        row = {"design": label, "params": out.params, "val": out.score, "test": out.test["accuracy"]}
+        log.info("search: hand-made %s at %s: %s", label, budget, row)
+        if best is None or row["val"] > best["val"]:
+            best = row
+    return best
+
+
+def full_ft(task: Any, final: Any) -> dict[str, Any]:
+    from dataclasses import replace
+
+    from petlsearch.runners.trainer import evaluate, train
+
+    prep = M.full_finetuning(task.make_model())
+    cfg = replace(final, lr=5e-5)
+    result = train(prep.model, task, prep.groups(cfg.lr, final.head_lr), cfg)
+    test = evaluate(prep.model, task, "test")["accuracy"]
+    return {"params": prep.trainable, "val": result.val["accuracy"], "test": test, "seconds": result.seconds}
+
+
+def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any, final: Any,
+               seed: int) -> dict[str, Any]:
+    from petlsearch.runners.search import search
+
+    options = {"steps": max(1, (trials - 1) * fidelity.steps)} if strategy == "s3pet" else {}
+    run = search(task=task, budget=budget, strategy=strategy, plugins=PLUGINS,
+                 trials=trials if strategy != "s3pet" else 1,
+                 fidelity=fidelity, final=final, seed=seed, strategy_options=options)
+    return {"strategy": strategy, "budget": budget, "params": run.structure.result["trainable_params"],
+            "val": run.final.score, "test": run.final.test["accuracy"], "search_s": run.search.seconds,
+            "final_s": run.final.seconds, "cost": run.search.seconds / max(run.final.seconds, 1e-9),
+            "placements": len(run.structure.placements)}
+
+
+def run(opts: Options) -> Report:
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.space import SearchSpace
+
+    report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
+    task = tiny_task(128) if opts.quick else minilm_task()
+    budgets = opts.pick(["0.1%"], ["0.01%", "0.1%", "1%"])
+    trials, seeds = opts.pick(2, 12, opts.trials), opts.pick(1, 1, opts.seeds)
+    per_trial = opts.pick(2, 40, opts.steps)
+    batch = opts.pick(16, 32)
+    fidelity = TrainConfig(steps=per_trial, batch_size=batch, eval_every=opts.pick(0, 20), max_eval_examples=512,
+                           device="cpu")
+    final = TrainConfig(steps=opts.pick(3, 300), batch_size=batch, device="cpu")
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
+    designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
+    rows = []
+    for budget in budgets:
+        for strategy in strategies(opts.quick):
+            for seed in range(seeds):
+                rows.append(one_search(task, budget, strategy, trials, fidelity, final, seed))
+    hand = {b: hand_made(task, space, b, final, designs) for b in budgets}
+    full = full_ft(task, final)
+    table = Table(f"{task.model_name} on {task.name}: {trials} trials x {per_trial} steps per search, final "
+                  f"{final.steps} steps, {seeds} seed(s)",
+                  ["budget", "method", "trainable", "test acc", "+- (std)", "val acc", "search cost (x final run)"])
+    for budget in budgets:
+        for strategy in strategies(opts.quick):
+            rs = [r for r in rows if r["budget"] == budget and r["strategy"] == strategy]
+            accs = [r["test"] for r in rs]
+            table.add(budget, strategy, round(statistics.fmean(r["params"] for r in rs)), statistics.fmean(accs),
+                      statistics.stdev(accs) if len(accs) > 1 else 0.0, statistics.fmean(r["val"] for r in rs),
+                      statistics.median(r["cost"] for r in rs))
+        h = hand[budget]
+        if h is not None:
+            table.add(budget, f"best hand-made ({h['design']})", h["params"], h["test"], 0.0, h["val"], "")
+    table.add("100%", "full fine-tuning", full["params"], full["test"], 0.0, full["val"], "")
+    report.tables.append(table)
+    report.plots.append(str(pareto(rows, hand, full, opts.out / f"{report.stem}.png")))
+    report.data = {"searches": rows, "hand_made": hand, "full_finetuning": full, "trials": trials,
+                   "steps_per_trial": per_trial, "final_steps": final.steps}
+    report.notes.append("Equal compute: every strategy trains trials x steps-per-trial steps before its final run "
+                        "(S3PET: a supernet of (trials - 1) x steps, then its structure for one trial).")
+    if opts.quick:
+        report.notes.append("Quick mode: a tiny random BERT, 2 trials of 2 steps: the accuracies mean nothing.")
+    return report
+
+
+def pareto(rows: list[dict[str, Any]], hand: dict[str, Any], full: dict[str, Any], path: Path) -> Path:
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 4.5))
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        rs = [r for r in rows if r["strategy"] == strategy]
+        ax.scatter([max(r["params"], 1) for r in rs], [r["test"] for r in rs], s=18, label=strategy)
+    hs = [h for h in hand.values() if h is not None]
+    if hs:
+        ax.scatter([max(h["params"], 1) for h in hs], [h["test"] for h in hs], marker="x", color="black",
+                   label="best hand-made")
+    ax.axhline(full["test"], color="tab:red", ls="--", lw=1, label="full fine-tuning")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (head excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy vs trainable parameters", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot.close(fig)
+    return path

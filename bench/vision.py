@@ -1,0 +1,137 @@
+"""Vision: EfficientNet-Lite0 (ImageNet weights) on Fashion-MNIST with convolution-ready methods.
+
+Full fine-tuning, a linear probe (the new head alone), BitFit (the BatchNorm shifts: the
+convolutions have no bias) and LoRA on the 32 1x1 convolutions train on the same splits, steps
+and seeds (images resized to 64 x 64). The head is new and trained in full by every method, so
+LoRA on the head would add nothing. Then, if the tip_adapter plugin is registered, Tip-Adapter
+few-shot (1, 4, 16 shots per class): the training-free cache alone (head zeroed), a linear probe
+trained on the shots, and the probe with the cache beside it. Skipped, saying so, when
+Fashion-MNIST is not installed (`apt-get install dataset-fashion-mnist`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from bench import methods as M
+from bench.common import Options, Report, Table
+
+log = logging.getLogger(__name__)
+NAME = "vision"
+TITLE = "Vision: EfficientNet-Lite0 on Fashion-MNIST"
+FULL_LR, PETL_LR, HEAD_LR = 1e-3, 2e-3, 2e-3
+METHODS = {
+    "full fine-tuning": lambda m: M.full_finetuning(m),
+    "linear probe": lambda m: M.head_only(m),
+    "bitfit (BatchNorm)": lambda m: M.apply_plugin(m, "bitfit"),
+    "lora (1x1 convs)": lambda m: M.apply_plugin(m, "lora", roles=("conv",)),
+}
+
+
+def train_eval(task: Any, prep: M.Prepared, cfg: Any) -> dict[str, Any]:
+    from petlsearch.runners.trainer import evaluate, train
+
+    result = train(prep.model, task, prep.groups(cfg.lr, HEAD_LR), cfg) if cfg.steps else None
+    test = evaluate(prep.model, task, "test")
+    return {"trainable": prep.trainable, "test": test["accuracy"],
+            "step_s": result.step_seconds if result else 0.0, "val": result.val["accuracy"] if result else float("nan")}
+
+
+def methods_table(task: Any, steps: int, seeds: int, batch: int) -> tuple[Table, dict[str, list]]:
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.searchspace.graph import ModelGraph
+
+    backbone = ModelGraph.from_model(task.make_model()).num_parameters()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for label, setup in METHODS.items():
+        lr = FULL_LR if label == "full fine-tuning" else PETL_LR
+        for seed in range(seeds):
+            cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
+            runs.setdefault(label, []).append(train_eval(task, setup(task.make_model()), cfg))
+    full = statistics.median(r["step_s"] for r in runs["full fine-tuning"])
+    table = Table(f"EfficientNet-Lite0 on Fashion-MNIST ({len(task.splits.y_train)} training images, {steps} steps, "
+                  f"{seeds} seed(s))",
+                  ["method", "trainable", "% of backbone", "test acc", "+- (std)", "step / full FT"])
+    for label, rs in runs.items():
+        accs = [r["test"] for r in rs]
+        table.add(label, rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
+                  statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                  statistics.median(r["step_s"] for r in rs) / full if full else float("nan"))
+    return table, runs
+
+
+def few_shot(task: Any, shots: int, seed: int) -> Any:
+    """The task with `shots` training images per class (validation and test unchanged)."""
+    from petlsearch.runners import data as D
+
+    s = task.splits
+    rng = np.random.default_rng(seed)
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(s.y_train == c))[:shots]
+                                  for c in range(len(s.classes))]))
+    splits = D.Splits(s.x_train[idx], s.y_train[idx], s.x_val, s.y_val, s.x_test, s.y_test, s.classes)
+    return replace(task, splits=splits)
+
+
+def tip_adapter(task: Any, shot_list: tuple[int, ...], steps: int) -> Table:
+    """Cache alone, linear probe on the shots, probe + cache, for each number of shots."""
+    import torch
+
+    from petlsearch.plugins import create_plugin
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.searchspace.graph import ModelGraph
+
+    table = Table("Tip-Adapter few-shot (test accuracy)", ["shots / class", "cache alone (training-free)",
+                                                           "linear probe", "probe + cache"])
+    for shots in shot_list:
+        small = few_shot(task, shots, 0)
+        cfg = TrainConfig(steps=steps, batch_size=min(32, len(small.splits.y_train)), lr=PETL_LR, head_lr=HEAD_LR,
+                          device="cpu")
+        cache_only = M.head_only(small.make_model())
+        with torch.no_grad():
+            for p in cache_only.head:
+                p.zero_()
+        row = []
+        for prep, train_steps in ((cache_only, 0), (M.head_only(small.make_model()), steps)):
+            if train_steps:
+                train_eval(small, prep, cfg)  # the probe first, then the cache beside it
+                row.append(train_eval(small, prep, replace(cfg, steps=0))["test"])
+            plugin = create_plugin("tip_adapter", max_shots=shots)
+            plugin.prepare(prep.model, small.batches("train", 64))
+            site = plugin.sites(ModelGraph.from_model(prep.model))[0]
+            plugin.attach(prep.model, site, {"shots": shots})
+            row.append(train_eval(small, prep, replace(cfg, steps=0))["test"])
+        table.add(shots, *row)
+    return table
+
+
+def run(opts: Options) -> Report:
+    from petlsearch.errors import TaskError
+    from petlsearch.plugins import list_plugins
+    from petlsearch.runners.tasks import get_task
+
+    report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
+    limit = opts.pick(200, 6000)
+    try:
+        task = get_task("fashion_mnist", "efficientnet-lite0", limit=limit, image_size=opts.pick(32, 64))
+    except TaskError as exc:
+        report.skipped = str(exc)
+        log.warning("vision: skipped: %s", exc)
+        return report
+    steps, seeds = opts.pick(2, 300, opts.steps), opts.pick(1, 3, opts.seeds)
+    table, runs = methods_table(task, steps, seeds, opts.pick(16, 32))
+    report.tables.append(table)
+    report.data["runs"] = runs
+    if "tip_adapter" in list_plugins():
+        report.tables.append(tip_adapter(task, opts.pick((1,), (1, 4, 16)), opts.pick(2, 100)))
+    else:
+        report.notes.append("The tip_adapter plugin is not registered: no few-shot table.")
+    report.notes.append("The test split is a stratified subset of Fashion-MNIST's 10,000 test images "
+                        "(limit / 6), the training split a stratified subset of `limit` images.")
+    if opts.quick:
+        report.notes.append("Quick mode: 200 images at 32 x 32, 2 steps: the accuracies mean nothing.")
+    return report

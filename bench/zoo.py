@@ -1,0 +1,134 @@
+"""Zoo: every registered plugin trained for real on MiniLM / Rotten Tomatoes, beside the baselines.
+
+Each plugin at its default size (all of its sites, default config), full fine-tuning, the head
+alone, and Hugging Face peft's LoRA, IA3 (on the same modules as ours) and prompt tuning (20
+tokens, as ours) train on the same splits, for the same steps, with the same seeds (batch 32,
+AdamW, linear decay; PETL learning rate 2e-3, full fine-tuning 5e-5, head 2e-3). Reported:
+trainable parameters (% of the backbone, head excluded), test accuracy (mean and standard
+deviation over seeds), the median step time and the measured training memory (one step,
+petlsearch.searchspace.memory.measure), both as ratios to full fine-tuning's. Expensive: the full
+run is 30-odd methods x seeds x steps; use --steps and --seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import methods as M
+from bench.common import Options, Report, Table, mib, plt
+from bench.tasks import minilm_task, tiny_task
+
+log = logging.getLogger(__name__)
+NAME = "zoo"
+TITLE = "Zoo: every plugin trained on MiniLM / Rotten Tomatoes"
+PETL_LR, FULL_LR, HEAD_LR = 2e-3, 5e-5, 2e-3
+QUICK_PLUGINS = ("lora", "bitfit")
+
+
+def method_table(quick: bool) -> dict[str, Callable[[Any, Any], M.Prepared]]:
+    """label -> setup(model, task): every plugin, then the baselines."""
+    from petlsearch.plugins import list_plugins
+
+    names = QUICK_PLUGINS if quick else list_plugins()
+    out: dict[str, Callable[[Any, Any], M.Prepared]] = {
+        "full fine-tuning": lambda m, t: M.full_finetuning(m),
+        "head only": lambda m, t: M.head_only(m),
+    }
+    for name in names:
+        out[name] = lambda m, t, name=name: M.apply_plugin(m, name, batches=t.batches("train", 32, seed=0))
+    for kind in ("lora",) if quick else M.PEFT_KINDS:
+        out[f"peft {kind}"] = lambda m, t, kind=kind: M.apply_peft(m, kind)
+    return out
+
+
+def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, lr: float,
+                 with_memory: bool) -> dict[str, Any]:
+    """One run: a fresh model, the method, (memory of one step on a copy), training, test accuracy."""
+    from petlsearch.runners.trainer import evaluate, train
+    from petlsearch.searchspace.memory import measure
+
+    prep = setup(task.make_model(), task)
+    memory = None
+    if with_memory:
+        batch = next(task.batches("train", cfg.batch_size, seed=cfg.seed))
+        memory = measure(copy.deepcopy(prep.model), batch).total
+    result = train(prep.model, task, prep.groups(lr, HEAD_LR), cfg)
+    test = evaluate(prep.model, task, "test")
+    return {"trainable": prep.trainable, "head": sum(p.numel() for p in prep.head), "val": result.val["accuracy"],
+            "test": test["accuracy"], "step_s": result.step_seconds, "memory": memory}
+
+
+def run(opts: Options) -> Report:
+    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.searchspace.graph import ModelGraph
+
+    report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
+    task = tiny_task(128) if opts.quick else minilm_task()
+    steps, seeds = opts.pick(3, 300, opts.steps), opts.pick(1, 3, opts.seeds)
+    batch = opts.pick(16, 32)
+    backbone = ModelGraph.from_model(task.make_model()).num_parameters()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    failed: dict[str, str] = {}
+    for label, setup in method_table(opts.quick).items():
+        lr = FULL_LR if label == "full fine-tuning" else PETL_LR
+        for seed in range(seeds):
+            cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
+            try:
+                runs.setdefault(label, []).append(train_method(task, setup, cfg, lr, with_memory=seed == 0))
+            except Exception as exc:  # a plugin without sites on BERT, or one that fails, is listed
+                failed[label] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                runs.pop(label, None)
+                log.warning("zoo: %s failed: %s", label, failed[label])
+                break
+    table = summarise(runs, backbone, task, steps, seeds)
+    report.tables.append(table)
+    report.plots.append(str(plot(runs, backbone, opts.out / f"{report.stem}.png")))
+    if failed:
+        rows = [[k, v] for k, v in failed.items()]
+        report.tables.append(Table("Methods that did not run", ["method", "reason"], rows))
+    report.data = {"runs": runs, "failed": failed, "backbone_params": backbone, "steps": steps, "seeds": seeds}
+    if opts.quick:
+        report.notes.append("Quick mode: a tiny random BERT on 128 snippets, a few steps: accuracies are chance-level.")
+    return report
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int, seeds: int) -> Table:
+    full = runs.get("full fine-tuning", [{}])[0]
+    table = Table(f"{task.model_name} on {task.name}: {steps} steps, {seeds} seed(s); ratios to full fine-tuning",
+                  ["method", "trainable", "% of backbone", "test acc", "+- (std)", "val acc", "step / full FT",
+                   "memory MiB", "memory / full FT"])
+    for label, rs in runs.items():
+        accs = [r["test"] for r in rs]
+        step = statistics.median(r["step_s"] for r in rs)
+        memory = rs[0]["memory"]
+        table.add(label, rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
+                  statistics.stdev(accs) if len(accs) > 1 else 0.0, statistics.fmean(r["val"] for r in rs),
+                  step / full["step_s"] if full.get("step_s") else float("nan"), mib(memory or 0),
+                  memory / full["memory"] if full.get("memory") else float("nan"))
+    return table
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], backbone: int, path: Path) -> Path:
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7, 4.5))
+    for label, rs in runs.items():
+        x = max(100 * rs[0]["trainable"] / backbone, 1e-4)
+        ys = [r["test"] for r in rs]
+        peft = label.startswith("peft")
+        ax.errorbar(x, statistics.fmean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0, fmt="s" if peft else "o",
+                    color="tab:orange" if peft else "tab:gray" if " " in label else "tab:blue", ms=5)
+        ax.annotate(label, (x, statistics.fmean(ys)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, % of the backbone (head excluded)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("PETL zoo: accuracy vs size", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot.close(fig)
+    return path

@@ -1,0 +1,138 @@
+"""The benchmark suite: every benchmark's quick mode runs and writes its tables, and the timing,
+ratio and report helpers do what the figures rely on."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHMARKS, parse, run_one, summary
+from bench.common import Options, Report, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread
+
+
+def _check_written(report: Report, out: Path) -> dict:
+    md, js = out / f"{report.name}-quick.md", out / f"{report.name}-quick.json"
+    assert md.is_file() and js.is_file()
+    data = json.loads(js.read_text())
+    assert data["name"] == report.name and data["quick"] is True
+    assert data["env"]["load_start"] is not None and "load_end" in data["env"]
+    text = md.read_text()
+    for table in report.tables:
+        assert table.rows, f"{report.name}: table '{table.title}' is empty"
+        assert all(len(r) == len(table.columns) for r in table.rows)
+        assert f"### {table.title}" in text
+    for plot in report.plots:
+        assert Path(plot).is_file() and Path(plot).stat().st_size > 1000
+    return data
+
+
+def _rows(table: Table) -> dict[str, dict[str, object]]:
+    return {str(r[1] if table.columns[0] == "budget" else r[0]): dict(zip(table.columns, r)) for r in table.rows}
+
+
+def test_overhead_quick(tmp_path: Path) -> None:
+    report = run_one("overhead", Options(quick=True, out=tmp_path))
+    data = _check_written(report, tmp_path)
+    assert [t["name"] for t in data["targets"]][:2] == ["LoRA training step, petlsearch / peft",
+                                                        "IA3 training step, petlsearch / peft"]
+    assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in data["targets"])
+    steps = _rows(report.tables[0])
+    assert set(steps) == {"lora", "ia3"}  # same trainable counts were checked when the models were built
+    assert data["data"]["per_trial_s"] < 30  # the engine path ran (a hang or a retry loop would not)
+
+
+def test_scale_quick(tmp_path: Path) -> None:
+    report = run_one("scale", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    models = report.data["models"]
+    mini = models["all-MiniLM-L6-v2"]
+    assert mini["params"] == 22_713_216 and mini["layers"] == 6 and mini["candidates"] > 50
+    growth = report.tables[1].rows
+    assert [r[0] for r in growth] == [2, 4] and growth[1][5] == 2 * growth[0][5]  # candidates grow with layers
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    report = run_one("memory", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    for label in ("tiny BERT", "tiny T5"):
+        rows = {r["plugin"]: r for r in report.data[label]}
+        assert {"lora", "ia3"} <= set(rows)
+        for r in rows.values():
+            assert abs(r["error"]) <= 0.15, (label, r)
+    assert report.targets[0].passed
+
+
+def test_zoo_quick(tmp_path: Path) -> None:
+    report = run_one("zoo", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    rows = _rows(report.tables[0])
+    assert {"full fine-tuning", "head only", "lora", "bitfit", "peft lora"} <= set(rows)
+    assert rows["lora"]["trainable"] == rows["peft lora"]["trainable"] > 0  # the same modules
+    assert rows["head only"]["trainable"] == 0 and rows["full fine-tuning"]["memory / full FT"] == 1.0
+    assert 0.0 <= rows["lora"]["test acc"] <= 1.0
+
+
+def test_search_quick(tmp_path: Path) -> None:
+    report = run_one("search", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    searches = report.data["searches"]
+    assert {r["strategy"] for r in searches} == {"random", "s3pet"}
+    backbone = 999_072 - 66  # the tiny BERT without its head (2 x 32 + 2)
+    assert all(0 < r["params"] <= 0.001 * backbone + 1 for r in searches)
+    assert all(r["cost"] > 0 for r in searches)
+    assert report.data["hand_made"]["0.1%"]["params"] <= 0.001 * backbone + 1
+
+
+def test_vision_quick(tmp_path: Path) -> None:
+    report = run_one("vision", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    if report.skipped:
+        pytest.skip(report.skipped)
+    rows = _rows(report.tables[0])
+    assert set(rows) == {"full fine-tuning", "linear probe", "bitfit (BatchNorm)", "lora (1x1 convs)"}
+    trainable = [rows[m]["trainable"] for m in ("linear probe", "bitfit (BatchNorm)", "lora (1x1 convs)")]
+    assert trainable[0] == 0 < trainable[1] < trainable[2]
+
+
+# ---------------------------------------------------------------------------- helpers
+def test_interleave_alternates_order_and_times_every_round() -> None:
+    calls: list[str] = []
+    times = interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert len(times["a"]) == len(times["b"]) == 3
+
+
+def test_paired_ratio_cancels_shared_drift() -> None:
+    a, b = [2.0, 4.0, 8.0], [1.0, 2.0, 4.0]  # the load doubled each round: the ratio stays 2
+    assert paired_ratio(a, b) == (2.0, 0.0)
+    assert spread([1.0]) == 0.0
+
+
+def test_peak_python_memory_sees_allocations() -> None:
+    peak, result = peak_python_memory(lambda: len([bytearray(1000) for _ in range(1000)]))
+    assert result == 1000 and peak >= 1_000_000
+
+
+def test_table_and_target() -> None:
+    t = Table("t", ["a", "b"])
+    t.add(1234, 0.5)
+    with pytest.raises(ValueError, match="2 columns"):
+        t.add(1)
+    assert "| 1,234 | 0.5 |" in t.markdown()
+    assert Target("x", 1.0, 1.05).passed and not Target("x", 1.1, 1.05).passed
+    assert not Target("x", float("nan"), 1.0).passed and Target("x", 0.4, 0.5, "<").passed
+    assert fmt(float("nan")) == "n/a" and fmt(1e-5) == "1.00e-05"
+
+
+def test_cli_options(tmp_path: Path) -> None:
+    opts, names = parse(["--quick", "--only", "cheap,zoo", "--out", str(tmp_path), "--steps", "5"])
+    assert names == ["overhead", "scale", "memory", "zoo"] and opts.quick and opts.steps == 5
+    assert parse([])[1] == list(BENCHMARKS)
+    with pytest.raises(SystemExit):
+        parse(["--only", "nonsense"])
+    report = Report("demo", "Demo", "d", True, targets=[Target("fast", 2.0, 1.0)])
+    path = summary([report], Options(quick=True, out=tmp_path))
+    assert "| demo | fast | 2 | <= 1 | FAIL |" in path.read_text()
