@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", default="0.01%", help="trainable parameters: '0.01%%', '1e-4', '25k', '1.2M'")
     s.add_argument("--memory-budget", help="training memory: '2GiB', '500MB'")
     s.add_argument("--include-head", action="store_true", help="count the task head against the budget")
-    s.add_argument("--strategy", default="random", help="s3pet | optuna | ray | random | module:Class")
+    s.add_argument("--strategy", default="s3pet", help="s3pet (default) | optuna | ray | random | module:Class")
     s.add_argument("--model", help="minilm (default), efficientnet-lite0, a local folder, or a hub name")
     s.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes, fashion_mnist, digits, csv:PATH, "
                    "jsonl:PATH, images:DIR, hub:NAME")

@@ -41,7 +41,7 @@ class RunResult:
 
 
 def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: str | Budget | None = "0.01%",
-           memory_budget: str | None = None, strategy: str = "random", plugins: Sequence[str] = DEFAULT_PLUGINS,
+           memory_budget: str | None = None, strategy: str = "s3pet", plugins: Sequence[str] = DEFAULT_PLUGINS,
            trials: int = 6, out: str | Path | None = None, resume: bool = False, seed: int = 0,
            include_head: bool = False, roles: Sequence[str] | None = None, layers: Sequence[int] | None = None,
            fidelity: TrainConfig | None = None, final: TrainConfig | None = None, timeout: float | None = None,

@@ -48,7 +48,8 @@ class _OutOfTime(Exception):
 
 
 class S3PETSearch(Strategy):
-    """Options: `steps` of supernet training (None: the context's fidelity), `arch_lr` (Adam on the
+    """Options: `steps` of supernet training (None: the context's fidelity steps x n_trials, the
+    compute a black-box strategy spends), `arch_lr` (Adam on the
     alphas), `beta` (a constant or (start, end), annealed geometrically), `gate` (hard_concrete,
     straight_through or expected), `sizes` (1: each candidate at its default size; n: up to n sizes
     from Dim.values(n) as separate candidates), `second_order` (unrolled DARTS step), `arch_every`
@@ -75,7 +76,9 @@ class S3PETSearch(Strategy):
     def run(self, ctx: SearchContext) -> SearchResult:
         start = time.monotonic()
         self._check(ctx)
-        cfg = replace(ctx.fidelity, steps=self.steps or ctx.fidelity.steps, eval_every=0, patience=None)
+        # default: the training steps a black-box strategy would spend on n_trials trials (equal compute)
+        steps = self.steps or ctx.fidelity.steps * max(1, ctx.n_trials)
+        cfg = replace(ctx.fidelity, steps=steps, eval_every=0, patience=None)
         search_task, arch_task = split_train(ctx.task, self.holdout, ctx.seed)
         seed_everything(cfg.seed)  # module initialisation, so that a resumed search repeats itself
         net = build_supernet(ctx, search_task, cfg, self.sizes, pick_device(cfg.device), gate=self.gate,

@@ -27,13 +27,15 @@ def test_search_writes_a_run_folder_under_budget(tiny_task, tmp_path) -> None:
 
 def test_existing_folder_needs_resume_and_resume_reruns_nothing(tiny_task, tmp_path) -> None:
     out = tmp_path / "run"
-    search(task=tiny_task, budget="2%", trials=2, out=out, fidelity=FAST, final=FAST)
+    search(task=tiny_task, budget="2%", strategy="random", trials=2, out=out, fidelity=FAST, final=FAST)
     with pytest.raises(PetlsearchError, match="--resume"):
-        search(task=tiny_task, budget="2%", trials=2, out=out, fidelity=FAST, final=FAST)
+        search(task=tiny_task, budget="2%", strategy="random", trials=2, out=out, fidelity=FAST, final=FAST)
     with pytest.raises(PetlsearchError, match="arguments differ"):
-        search(task=tiny_task, budget="3%", trials=2, out=out, fidelity=FAST, final=FAST, resume=True)
+        search(task=tiny_task, budget="3%", strategy="random", trials=2, out=out, fidelity=FAST, final=FAST,
+               resume=True)
     before = (out / "trials.jsonl").read_text().count("\n")
-    result = search(task=tiny_task, budget="2%", trials=4, out=out, fidelity=FAST, final=FAST, resume=True)
+    result = search(task=tiny_task, budget="2%", strategy="random", trials=4, out=out, fidelity=FAST, final=FAST,
+                    resume=True)
     lines = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
     assert sorted({r["number"] for r in lines}) == [0, 1, 2, 3]
     # trials 0 and 1 were not run again: each has one 'running' and one final record only
@@ -58,7 +60,8 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(tiny_task, tmp_path, 
         return real(task, placements, plugins, cfg, report=report, **kw)
 
     monkeypatch.setattr(S, "run_trial", flaky)
-    result = search(task=tiny_task, budget="2%", trials=3, out=tmp_path / "r", fidelity=FAST, final=FAST)
+    result = search(task=tiny_task, budget="2%", strategy="random", trials=3, out=tmp_path / "r", fidelity=FAST,
+                    final=FAST)
     statuses = [r.status for r in result.search.history]
     assert statuses == ["failed", "failed", "complete"]
     assert "boom" in result.search.history[0].error and "nan" in result.search.history[1].error
