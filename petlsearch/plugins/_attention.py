@@ -54,12 +54,6 @@ def base_of(name: str | None) -> str | None:
     return name
 
 
-def gate_is_zero(gate: float | torch.Tensor) -> bool:
-    if isinstance(gate, torch.Tensor):
-        return bool(gate.detach() == 0)
-    return gate == 0.0
-
-
 class KVPrefix(PETLModule):
     """A module that prepends keys and values to the attention at `site.path`.
 
@@ -169,7 +163,7 @@ def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     """query (B, heads, T, hd), key / value (B, kv_heads, S, hd): prepend the active prefixes of
     `module`, extend the mask, and call the base implementation."""
     base = base_of(module.config._attn_implementation)
-    prefixes = [m for m in module.children() if isinstance(m, KVPrefix) and not gate_is_zero(m.gate)]
+    prefixes = [m for m in module.children() if isinstance(m, KVPrefix) and not m.gate_off]
     if prefixes:
         key, value, attention_mask, kwargs = _with_prefixes(module, prefixes, base, query, key, value,
                                                             attention_mask, kwargs)

@@ -135,12 +135,6 @@ def token_activations(site: Site, n: int, shape: BatchShape) -> int:
 
 
 # ---------------------------------------------------------------------------------- modules
-def gate_is_zero(gate: float | torch.Tensor) -> bool:
-    if isinstance(gate, torch.Tensor):
-        return gate.numel() == 1 and bool(gate.detach() == 0)
-    return gate == 0.0
-
-
 class TokenModule(PETLModule):
     """Base of the token modules: `tokens()` gives (n, H) or (B, n, H); `level` says where they go."""
 
@@ -222,8 +216,8 @@ class TokenSlots:
     def _before(self, _mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         self.n_in = self.n_blk = 0
         self.length = None
-        active = [m for m in self.inputs if not gate_is_zero(m.gate)]
-        active_any = active or any(not gate_is_zero(m.gate) for ms in self.layers.values() for m in ms)
+        active = [m for m in self.inputs if not m.gate_off]
+        active_any = active or any(not m.gate_off for ms in self.layers.values() for m in ms)
         a = Call(self._owner_sig, args, kwargs)
         if active_any and _cached(a):
             raise PluginError("token modules (prompt tuning, VPT, ATTEMPT) do not support decoding with a "
@@ -249,7 +243,7 @@ class TokenSlots:
         return a.result()
 
     def _at_block(self, layer: int, _mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        active = [m for m in self.layers.get(layer, []) if not gate_is_zero(m.gate)]
+        active = [m for m in self.layers.get(layer, []) if not m.gate_off]
         if not active and not self.n_blk:
             return None
         sig = self._block_sigs[layer]

@@ -107,6 +107,7 @@ class PETLModule(nn.Module):
         super().__init__()
         self.site = site
         self.gate: float | torch.Tensor = 1.0
+        self.tasks: frozenset[str] | None = None  # per-task placement: acts only for these tasks
         self.plugin_name = ""
         self._handles: list[Any] = []
         self._hosts: list[nn.Module] = []  # a plain list, so the model is not registered as a child
@@ -114,7 +115,18 @@ class PETLModule(nn.Module):
     # -------------------------------------------------------------- gate
     @property
     def gate_off(self) -> bool:
-        return isinstance(self.gate, float) and self.gate == 0.0
+        """True when the module must not act: its gate is exactly 0 (a float, or a 0-dim tensor:
+        a clamped hard-concrete gate, whose gradient is 0 anyway), or it is a per-task placement
+        and the current task (petlsearch.plugins.context) is not one of its tasks."""
+        if self.tasks is not None:
+            from petlsearch.plugins.context import current_task
+
+            if current_task() not in self.tasks:
+                return True
+        g = self.gate
+        if isinstance(g, torch.Tensor):
+            return g.numel() == 1 and bool(g.detach() == 0)
+        return g == 0.0
 
     def gated(self, delta: torch.Tensor) -> torch.Tensor:
         g = self.gate

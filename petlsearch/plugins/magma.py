@@ -71,12 +71,8 @@ class ImagePrefix(PETLModule):
             out = encoder(pixels.to(next(encoder.parameters()).device))
         return getattr(out, "last_hidden_state", out)
 
-    def _gate_zero(self) -> bool:
-        g = self.gate
-        return self.gate_off or (isinstance(g, torch.Tensor) and g.numel() == 1 and bool(g == 0))
-
     def _on_input(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if self._gate_zero() or _continues_cache(kwargs.get("past_key_values")):
+        if self.gate_off or _continues_cache(kwargs.get("past_key_values")):
             return None
         features = self.image_features()
         if features is None:

@@ -6,6 +6,7 @@
 - `csv:PATH` / `jsonl:PATH`: the user's text file (`text_column`, `label_column`).
 - `images:DIR`: a folder of images by class.
 - `hub:NAME`: a Hugging Face `datasets` name (needs the network).
+- `multi:TASK+TASK`: a mixture of classification tasks on one backbone, a head per task.
 - `lm:PATH`: causal language modelling on a text file (.txt lines, or the `text_column` of a
   CSV / JSONL) with a decoder (`--model` a local folder or hub name); metric: next-token accuracy,
   perplexity reported.
@@ -33,11 +34,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def torch_no_grad(fn: Callable) -> Callable:
+    """torch.no_grad() as a decorator, imported when the function runs (no torch at import time)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapper
+
 DEFAULT_MODEL = "minilm"
 DEFAULT_TASK = "rotten_tomatoes"
 TEXT_MODELS = {"minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2"}
 IMAGE_MODELS = {"efficientnet-lite0", "efficientnet_lite0"}
-TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME", "lm:PATH")
+TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME", "lm:PATH",
+         "multi:TASK+TASK")
 
 
 @dataclass
@@ -93,6 +108,42 @@ class Task:
                 batch.setdefault("labels", torch.as_tensor(y[idx]))  # LM tasks make their own
                 yield batch
             epoch += 1
+
+    @torch_no_grad
+    def evaluate(self, model: nn.Module, split: str = "val", batch_size: int = 64, max_examples: int | None = None,
+                 device: Any = None) -> dict[str, float]:
+        """Metrics on a split: the task's metric (accuracy, macro F1; next-token accuracy and
+        perplexity for LM tasks) and the loss."""
+        import math
+
+        import torch
+
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        scores, logits, labels, loss_sum, seen = [], [], [], 0.0, 0
+        for batch in self.batches(split, batch_size):
+            out = model(**{k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
+            n = len(batch["labels"])
+            if self.kind == "lm":  # (B, T, V) logits: score per batch, weight by tokens
+                scores.append(self.score(out.logits.float().cpu(), batch["labels"]))
+            else:
+                logits.append(out.logits.float().cpu())
+                labels.append(batch["labels"])
+            loss_sum += float(out.loss) * n
+            seen += n
+            if max_examples is not None and seen >= max_examples:
+                break
+        model.train(was_training)
+        if self.kind == "lm":
+            tokens = sum(s["tokens"] for s in scores)
+            metrics = {self.metric: sum(s[self.metric] * s["tokens"] for s in scores) / max(tokens, 1)}
+        else:
+            metrics = self.score(torch.cat(logits), torch.cat(labels))
+        metrics["loss"] = loss_sum / max(seen, 1)
+        if self.kind == "lm":
+            metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        return metrics
 
     def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Classification: accuracy and macro F1. LM (logits (B, T, V)): next-token accuracy."""
@@ -178,6 +229,13 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
              limit: int | None = None) -> Task:
     """Build the task `name` on backbone `model` (defaults: Rotten Tomatoes on MiniLM)."""
     kind, _, arg = name.partition(":")
+    if kind == "multi" and arg:  # multi:rotten_tomatoes+csv:PATH
+        from petlsearch.runners.multitask import multitask
+
+        parts = [p for p in arg.split("+") if p]
+        return multitask({p: get_task(p, model, text_column=text_column, label_column=label_column,
+                                      max_length=max_length, image_size=image_size, seed=seed, limit=limit)
+                          for p in parts}, name)
     if kind == "rotten_tomatoes":
         splits, modality = D.rotten_tomatoes(seed), "text"
     elif kind in ("csv", "jsonl") and arg:

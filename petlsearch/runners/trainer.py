@@ -106,37 +106,10 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int = 64,
              max_examples: int | None = None, device: torch.device | None = None) -> dict[str, float]:
-    """Metrics of `model` on a split: the task's metric (accuracy, macro F1; or next-token accuracy
-    and perplexity for LM tasks) and the loss."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    scores, logits, labels, loss_sum, seen = [], [], [], 0.0, 0
-    for batch in task.batches(split, batch_size):
-        out = model(**to_device(batch, device))
-        n = len(batch["labels"])
-        if task.kind == "lm":  # (B, T, V) logits: score per batch, weight by tokens
-            scores.append(task.score(out.logits.float().cpu(), batch["labels"]))
-        else:
-            logits.append(out.logits.float().cpu())
-            labels.append(batch["labels"])
-        loss_sum += float(out.loss) * n
-        seen += n
-        if max_examples is not None and seen >= max_examples:
-            break
-    model.train(was_training)
-    if task.kind == "lm":
-        tokens = sum(s["tokens"] for s in scores)
-        metrics = {task.metric: sum(s[task.metric] * s["tokens"] for s in scores) / max(tokens, 1)}
-    else:
-        metrics = task.score(torch.cat(logits), torch.cat(labels))
-    metrics["loss"] = loss_sum / max(seen, 1)
-    if task.kind == "lm":
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-    return metrics
+    """Metrics of `model` on a split (see Task.evaluate)."""
+    return task.evaluate(model, split, batch_size, max_examples, device)
 
 
 def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig,

@@ -92,11 +92,10 @@ def block_role(rel_path: str, type_name: str) -> str | None:
 
 def outer_role(path: str, type_name: str) -> str | None:
     """The role of a module outside the repeated blocks (embeddings, head, pooler, stem convs)."""
-    leaf = path.split(".")[-1]
-    first = path.split(".")[0]
+    parts = path.split(".")
     if "Embedding" in type_name and "Rotary" not in type_name:
         return "embed"
-    if type_name in LINEAR_TYPES and (leaf in _HEAD_NAMES or first in _HEAD_NAMES):
+    if type_name in LINEAR_TYPES and any(p in _HEAD_NAMES for p in parts):  # also per-task heads below one
         return "head"
     if type_name in LINEAR_TYPES and "pooler" in path:
         return "pool"

@@ -125,7 +125,7 @@ class SearchSpace:
     def _resolved(self, placements: Sequence[Placement]) -> list[tuple[Plugin, Site, dict[str, Any]]]:
         out = []
         for p in placements:
-            c = self._by_key[p.key]
+            c = self._by_key[p.candidate_key]
             out.append((self.plugins[c.plugin], c.site, p.config))
         return out
 

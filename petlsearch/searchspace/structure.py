@@ -30,17 +30,26 @@ MAX_FILE_BYTES = 16 * 2**20
 
 @dataclass
 class Placement:
-    """One module of a structure: `plugin` with `config` at site `site` (a Site.key)."""
+    """One module of a structure: `plugin` with `config` at site `site` (a Site.key). `tasks`
+    None means shared by every task; a list makes it a per-task placement, active only while one
+    of those tasks is current (multi-task training, petlsearch.plugins.context)."""
 
     site: str
     plugin: str
     config: dict[str, Any] = field(default_factory=dict)
     role: str = ""
     layer: int | None = None
+    tasks: list[str] | None = None
+
+    @property
+    def candidate_key(self) -> str:
+        """The search-space candidate this placement sizes: `site@plugin`."""
+        return f"{self.site}@{self.plugin}"
 
     @property
     def key(self) -> str:
-        return f"{self.site}@{self.plugin}"
+        """Unique in a structure: the candidate, and the tasks of a per-task placement."""
+        return self.candidate_key + (f"[{','.join(self.tasks)}]" if self.tasks else "")
 
 
 @dataclass
@@ -161,7 +170,9 @@ class Structure:
         attached: list[tuple[Placement, PETLModule]] = []
         try:
             for p, plugin, site, cfg in resolved:
-                attached.append((p, plugin.attach(model, site, cfg)))
+                module = plugin.attach(model, site, cfg)
+                module.tasks = frozenset(p.tasks) if p.tasks else None
+                attached.append((p, module))
         except Exception:
             for _, m in reversed(attached):
                 m.uninstall()
@@ -300,7 +311,10 @@ def _read_placement(raw: Any, i: int, where: _Locator) -> Placement:
     layer = raw.get("layer")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
         raise StructureError(f"{where('placements', i)}: placements[{i}].layer must be an integer")
-    return Placement(raw["site"], raw["plugin"], dict(config), str(raw.get("role", "")), layer)
+    tasks = raw.get("tasks")
+    if tasks is not None and (not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):
+        raise StructureError(f"{where('placements', i)}: placements[{i}].tasks must be a list of task names")
+    return Placement(raw["site"], raw["plugin"], dict(config), str(raw.get("role", "")), layer, tasks)
 
 
 def _is_plain(v: Any) -> bool:
@@ -316,7 +330,10 @@ def _is_plain(v: Any) -> bool:
 
 
 def _placement_dict(p: Placement) -> dict[str, Any]:
-    return {"site": p.site, "plugin": p.plugin, "role": p.role, "layer": p.layer, "config": _plain(p.config)}
+    d = {"site": p.site, "plugin": p.plugin, "role": p.role, "layer": p.layer, "config": _plain(p.config)}
+    if p.tasks:
+        d["tasks"] = list(p.tasks)
+    return d
 
 
 def _plain(value: Any) -> Any:

@@ -144,7 +144,7 @@ class Encoding:
         costs = [self.space.count([p]) for p in items]
         limit = self.budget.max_params(self.space.backbone_params)
         # without shared parts the sum of single counts is exact, so most checks need no recount
-        exact = not any(self.space.plugins[p.plugin].shared_key(self.space.candidate(p.key).site, p.config)
+        exact = not any(self.space.plugins[p.plugin].shared_key(self.space.candidate(p.candidate_key).site, p.config)
                         is not None for p in items)
 
         def ok() -> bool:

@@ -1,0 +1,54 @@
+"""Multi-task mixtures: per-task heads, per-task and shared placements, mixed-task training."""
+
+from __future__ import annotations
+
+import torch
+
+from petlsearch.plugins import create_plugin
+from petlsearch.runners.multitask import multitask
+from petlsearch.runners.trainer import TrainConfig
+from petlsearch.runners.trial import run_trial
+from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.structure import Backbone, Placement, Structure
+from tests.helpers import tiny_text_task
+
+
+def _mix():
+    return multitask({"a": tiny_text_task(limit=64, seed=0), "b": tiny_text_task(limit=64, seed=1)})
+
+
+def test_per_task_placements_act_only_for_their_task(tmp_path) -> None:
+    mix = _mix()
+    model = mix.make_model().eval()
+    graph = ModelGraph.from_model(model)
+    assert [n.name for n in graph.find(role="head")] == ["head.a", "head.b"]
+    only_a = Placement("encoder.L0.attn.q:weight", "lora", {"rank": 2, "alpha": 4, "dropout": 0.0}, tasks=["a"])
+    shared = Placement("encoder.L1.attn.v:weight", "lora", {"rank": 2, "alpha": 4, "dropout": 0.0})
+    structure = Structure(Backbone(), [only_a, shared])
+    loaded = Structure.load(structure.save(tmp_path / "s.yaml"))
+    assert loaded.placements[0].tasks == ["a"] and loaded.placements[1].tasks is None
+    batch = next(mix.batches("val", 4))
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "task")}
+    with torch.no_grad():
+        base = {t: model(task=t, **inputs).logits for t in ("a", "b")}
+    applied = loaded.apply(model, graph)
+    for _, m in applied.modules:
+        torch.nn.init.normal_(m.lora_B)
+    applied.modules[1][1].gate = 0.0  # switch the shared module off: only the per-task one is left
+    with torch.no_grad():
+        out_b = model(task="b", **inputs).logits
+        out_a = model(task="a", **inputs).logits
+    assert torch.equal(out_b, base["b"])
+    assert not torch.allclose(out_a, base["a"])
+
+
+def test_mixed_task_training_and_per_task_metrics() -> None:
+    mix = _mix()
+    stream = mix.batches("train", 8, shuffle=True, epochs=None)
+    assert {next(stream)["task"] for _ in range(20)} == {"a", "b"}
+    placements = [Placement(f"encoder.L{i}.attn.q:weight", "lora", {"rank": 2, "alpha": 4, "dropout": 0.0})
+                  for i in range(2)]
+    out = run_trial(mix, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=4, batch_size=8), test=True)
+    assert {"a/accuracy", "b/accuracy", "accuracy"} <= set(out.metrics)
+    assert out.metrics["accuracy"] == (out.metrics["a/accuracy"] + out.metrics["b/accuracy"]) / 2
+    assert out.head_params == 2 * (32 * 2 + 2)
