@@ -92,7 +92,6 @@ def trial_overhead(task: Any, trials: int, table: Table) -> float:
     from petlsearch.runners.trainer import TrainConfig, TrainResult, make_optimizer
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.budget import Budget
-    from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import SearchContext
 

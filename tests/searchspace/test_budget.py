@@ -41,4 +41,5 @@ def test_limits_and_head() -> None:
     assert b.fits(2000, 22_700_000, head_params=770) and not with_head.fits(2000, 22_700_000, head_params=771)
     both = Budget.parse("25k", "1GiB")
     assert not both.fits(10, 10**6, memory=2**31) and both.fits(10, 10**6, memory=2**29)
+    assert not both.fits(10, 10**6, memory=int(0.96 * 2**30))  # estimates keep 5% headroom
     assert Budget.from_dict(both.to_dict()) == both

@@ -1,0 +1,48 @@
+"""`--memory-budget` end to end: the structure a search returns fits the budget when measured."""
+
+from __future__ import annotations
+
+import pytest
+
+from petlsearch.plugins.base import BatchShape
+from petlsearch.runners.search import search
+from petlsearch.runners.trainer import TrainConfig
+from petlsearch.searchspace.budget import Budget
+from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import measure
+from petlsearch.searchspace.space import SearchSpace
+from petlsearch.searchspace.structure import Backbone, Structure
+
+FAST = TrainConfig(steps=2, batch_size=16, max_eval_examples=32)
+PLUGINS = ["lora", "bitfit", "ia3", "adapter"]
+
+
+@pytest.mark.parametrize("strategy", ["random", "s3pet"])
+def test_memory_budget_is_met_when_measured(tiny_task, strategy: str) -> None:
+    model = tiny_task.make_model()
+    graph = ModelGraph.from_model(model)
+    space = SearchSpace.from_graph(graph, PLUGINS)
+    shape = BatchShape(FAST.batch_size, tiny_task.max_length)
+    everything = [c.placement(space.plugins[c.plugin].config(c.site)) for c in space.candidates]
+    top = [p for p in everything if p.layer == max(graph.layers("encoder"))]
+    low, high = space.memory(top, shape), space.memory(everything, shape)
+    assert low < high
+    limit = (low + high) // 2  # the bottom layers cannot all be trained: the budget binds
+    result = search(task=tiny_task, budget=Budget(memory=limit), strategy=strategy, plugins=PLUGINS, trials=3,
+                    fidelity=FAST, final=FAST)
+    placements = result.structure.placements
+    assert space.memory(placements, shape) * 1.05 <= limit  # checked with the model's headroom
+
+    fresh = tiny_task.make_model()
+    for p in fresh.parameters():
+        p.requires_grad_(False)
+    applied = Structure(Backbone(), placements).apply(fresh, force=True)
+    head = fresh.classifier.parameters()
+    batch = tiny_task.encode(tiny_task.splits.x_train[:FAST.batch_size])
+    batch = {k: v[:, :1].expand(-1, tiny_task.max_length).contiguous() if v.dim() == 2 else v
+             for k, v in batch.items()}  # a full-length batch: the shape the budget was checked for
+    import torch
+
+    batch["labels"] = torch.zeros(FAST.batch_size, dtype=torch.long)
+    measured = measure(fresh, batch, [*applied.parameters(), *head])
+    assert measured.total <= limit, (measured.total, limit)
