@@ -54,7 +54,7 @@ def _load_extra_plugins(specs: Sequence[str] | None) -> list[str]:
 def cmd_search(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from petlsearch.runners.search import DEFAULT_PLUGINS, search
+    from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY as FINAL, search
 
     console = _console()
     plugins = (_csv(args.plugins) or list(DEFAULT_PLUGINS)) + _load_extra_plugins(args.plugin)
@@ -70,19 +70,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         fidelity = replace(SEARCH_FIDELITY, steps=args.steps or SEARCH_FIDELITY.steps, seed=args.seed)
         final = replace(FINAL_FIDELITY, steps=args.final_steps or FINAL_FIDELITY.steps, seed=args.seed)
     with Progress(console=console, transient=True) as progress:
-        bar = progress.add_task(f"{args.strategy} search", total=args.trials)
+        bar = progress.add_task(f"{args.strategy} search", total=args.trials if args.strategy != "s3pet" else None)
+        final_bar: list[Any] = []
 
         def say(msg: str) -> None:
             console.print(msg)
             if msg.startswith("trial "):
                 progress.advance(bar)
 
+        def final_step(advance: int = 1) -> None:
+            if not final_bar:
+                progress.update(bar, visible=False)
+                final_bar.append(progress.add_task("final training", total=(final or FINAL).steps))
+            progress.advance(final_bar[0], advance)
+
         result = search(model=args.model, task=args.task, budget=args.budget, memory_budget=args.memory_budget,
                         strategy=args.strategy, plugins=plugins, trials=args.trials, out=args.out,
                         resume=args.resume, seed=args.seed, include_head=args.include_head,
                         roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
                         fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
-                        strategy_options=options)
+                        strategy_options=options, on_final_step=final_step)
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "

@@ -45,8 +45,12 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
            trials: int = 6, out: str | Path | None = None, resume: bool = False, seed: int = 0,
            include_head: bool = False, roles: Sequence[str] | None = None, layers: Sequence[int] | None = None,
            fidelity: TrainConfig | None = None, final: TrainConfig | None = None, timeout: float | None = None,
-           strategy_options: dict[str, Any] | None = None, progress: Any = None) -> RunResult:
+           strategy_options: dict[str, Any] | None = None, progress: Any = None,
+           on_final_step: Any = None) -> RunResult:
     """Search a structure for `model` on `task` under `budget`, retrain it, and write the run folder.
+
+    `progress(message)` receives one line per phase and trial; `on_final_step(advance=1)` is called
+    after each step of the final retraining (a progress bar's update).
 
     >>> result = petlsearch.search(budget="0.1%", strategy="random", trials=4)  # doctest: +SKIP
     >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
@@ -83,7 +87,8 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     ctx.check_fits(found.best)  # never return an over-budget structure
     say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters)")
     weights = out_dir / "weights.safetensors" if out_dir else None
-    outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights)
+    outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights,
+                        progress=on_final_step)
     result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
               "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
               "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
