@@ -97,9 +97,8 @@ def tip_adapter(task: Any, shot_list: tuple[int, ...], steps: int) -> Table:
                 p.zero_()
         row = []
         for prep, train_steps in ((cache_only, 0), (M.head_only(small.make_model()), steps)):
-            if train_steps:
-                train_eval(small, prep, cfg)  # the probe first, then the cache beside it
-                row.append(train_eval(small, prep, replace(cfg, steps=0))["test"])
+            if train_steps:  # the probe first, then the cache beside it
+                row.append(train_eval(small, prep, cfg)["test"])
             plugin = create_plugin("tip_adapter", max_shots=shots)
             plugin.prepare(prep.model, small.batches("train", 64))
             site = plugin.sites(ModelGraph.from_model(prep.model))[0]

@@ -185,6 +185,10 @@ class _BiLevel:
             self._point(step)
         if step % self.every_snapshot == 0 or step == self.cfg.steps:
             self._snapshot(step)
+        if self.ctx.progress is not None and (step % max(1, self.cfg.steps // 10) == 0):
+            last = self.curve[-1] if self.curve else {}
+            self.ctx.progress(f"supernet step {step}/{self.cfg.steps}: loss {last.get('loss')}, "
+                              f"expected budget use {last.get('budget_use')}, beta {_round(self.net.beta)}")
         if self.ctx.out_of_time():
             raise _OutOfTime
 
