@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plugin", action="append", help="extra plugin as package.module:Class (repeatable)")
     s.add_argument("--roles", help="only sites of these roles, e.g. attn.q,attn.v,ffn")
     s.add_argument("--layers", help="only these layers, e.g. 0,1,2")
-    s.add_argument("--trials", type=int, default=6, help="structures to evaluate")
+    s.add_argument("--trials", type=int, default=4, help="structures to evaluate (s3pet: its supernet trains "
+                   "for trials x steps)")
     s.add_argument("--steps", type=int, help="training steps per trial")
     s.add_argument("--final-steps", type=int, help="training steps of the final retraining")
     s.add_argument("--timeout", type=float, help="stop proposing trials after this many seconds")
