@@ -32,13 +32,13 @@ def _row_label(p: Placement) -> str:
 
 
 def structure_heatmap(placements: Sequence[Placement], counts: Sequence[int], path: str | Path,
-                      title: str = "") -> Path:
-    """Trainable parameters per (role, layer): where the search put its budget."""
+                      title: str = "", layers: Sequence[int] = ()) -> Path:
+    """Trainable parameters per (role, layer): where the search put its budget, over all `layers`."""
     import numpy as np
 
     plt = _plt()
     rows = sorted({_row_label(p) for p in placements}) or ["(empty)"]
-    layers = sorted({p.layer for p in placements if p.layer is not None})
+    layers = sorted(set(layers) | {p.layer for p in placements if p.layer is not None})
     cols = [*layers, "other"] if any(p.layer is None for p in placements) else layers or ["other"]
     grid = np.zeros((len(rows), len(cols)))
     labels: dict[tuple[int, int], list[str]] = {}
@@ -59,11 +59,24 @@ def structure_heatmap(placements: Sequence[Placement], counts: Sequence[int], pa
     return Path(path)
 
 
-def search_curve(history: Sequence[TrialRecord], path: str | Path, title: str = "") -> Path:
-    """Validation score of each trial and the best so far."""
+def search_curve(history: Sequence[TrialRecord], path: str | Path, title: str = "",
+                 curve: Sequence[dict[str, Any]] = ()) -> Path:
+    """Validation score of each trial and the best so far; with a supernet `curve` (S3PET), its
+    training loss and expected budget use over steps beside it."""
     plt = _plt()
     done = sorted((r for r in history if r.score is not None), key=lambda r: r.number)
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if curve:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        steps = [p["step"] for p in curve]
+        ax2.plot(steps, [p.get("loss") for p in curve], label="supernet loss", color="tab:blue")
+        ax2.set_xlabel("supernet step")
+        ax2.set_ylabel("training loss")
+        twin = ax2.twinx()
+        twin.plot(steps, [p.get("budget_use") for p in curve], label="expected budget use", color="tab:orange")
+        twin.set_ylabel("expected budget use")
+        ax2.set_title("supernet", fontsize=9)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
     if done:
         xs = [r.number for r in done]
         ys = [r.score for r in done]

@@ -129,9 +129,11 @@ def _write_run(out: Path, structure: Structure, found: SearchResult, space: Sear
                limit: int | None) -> dict[str, str]:
     files = {"structure": str(structure.save(out / "structure.yaml"))}
     counts = [space.count([p]) for p in structure.placements]
-    files["structure_png"] = str(pictures.structure_heatmap(structure.placements, counts, out / "structure.png",
-                                                            f"{structure.backbone.name}: {sum(counts):,} parameters"))
-    files["search_curve"] = str(pictures.search_curve(found.history, out / "search_curve.png", f"{found.strategy} search"))
+    files["structure_png"] = str(pictures.structure_heatmap(
+        structure.placements, counts, out / "structure.png", f"{structure.backbone.name}: {sum(counts):,} parameters",
+        layers=sorted({b.layer for b in space.graph.blocks})))
+    files["search_curve"] = str(pictures.search_curve(found.history, out / "search_curve.png", f"{found.strategy} search",
+                                                      curve=found.extras.get("curve", ())))
     files["pareto"] = str(pictures.pareto_plot(found.history, found.pareto, out / "pareto.png", limit))
     report = {"result": structure.result, "best": [asdict(p) for p in found.best],
               "pareto": [r.to_dict() for r in found.pareto], "history": [r.to_dict() for r in found.history],

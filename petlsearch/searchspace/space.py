@@ -202,7 +202,14 @@ def _n_configs(dims: dict[str, Dim]) -> int:
 
 
 def _smallest(plugin: Plugin, site: Site, dims: dict[str, Dim]) -> dict[str, Any]:
-    """The config with every integer dim at its low end (the cheapest size of a candidate)."""
+    """The cheapest size of a candidate: each integer dim that changes the count (a rank, a
+    bottleneck) at its low end; the others (a scaling alpha) keep their defaults."""
     from petlsearch.plugins.dims import IntDim
 
-    return plugin.config(site, {k: d.low for k, d in dims.items() if isinstance(d, IntDim)})
+    cfg = plugin.config(site)
+    for k, d in dims.items():
+        if isinstance(d, IntDim) and d.low != cfg[k]:
+            lower = {**cfg, k: d.low}
+            if plugin.count(site, lower) < plugin.count(site, cfg):
+                cfg = lower
+    return cfg
