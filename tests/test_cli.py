@@ -59,7 +59,7 @@ def test_search_show_train_export_on_real_minilm(tmp_path) -> None:
     rows = [f'"{t.replace(chr(34), "")}",{y}' for t, y in zip(rt.x_train[:160], rt.y_train[:160])]
     csv.write_text("text,label\n" + "\n".join(rows))
     out = tmp_path / "run"
-    res = run("search", "--task", f"csv:{csv}", "--budget", "0.1%", "--plugins", "lora,ia3", "--roles", "attn",
+    res = run("search", "--task", f"csv:{csv}", "--budget", "0.1%", "--plugins", "lora", "--roles", "attn.q,attn.v",
               "--trials", "2", "--steps", "2", "--final-steps", "2", "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert "best structure" in res.stderr and (out / "structure.yaml").exists()
