@@ -135,7 +135,7 @@ class ModelGraph:
         for path, module in model.named_modules():
             nodes[path] = cls._make_node(path, module, block_of, default_stack, model)
         cls._mark_containers(nodes)
-        cls._name_nodes(nodes)
+        cls._name_nodes(nodes, [b.path for b in blocks])
         info = cls._read_info(model, nodes, blocks)
         info["tied"] = _tied_parameters(model)
         unroled = [n.path for n in nodes.values() if n.role is None and n.type in R.LINEAR_TYPES]
@@ -162,7 +162,7 @@ class ModelGraph:
         return Node(path, type_name, path, role, None, stack, params, fin, fout)
 
     @staticmethod
-    def _name_nodes(nodes: dict[str, Node]) -> None:
+    def _name_nodes(nodes: dict[str, Node], block_paths: list[str]) -> None:
         """Canonical names `{stack}.L{layer}.{role}`; where a role repeats, a container that holds
         all the others keeps the plain name and the rest add the shortest unique tail of their path."""
         def base(n: Node) -> str:
@@ -183,8 +183,10 @@ class ModelGraph:
             rest = [n for n in group if n is not owner]
             if owner is not None:
                 owner.name = b
+            # tails of the path inside the block, so that the layer number never enters a name
+            parts = [_inside_block(n.path, block_paths).split(".") for n in rest]
             for k in range(1, 8):
-                tails = [".".join(n.path.split(".")[-k:]).strip("_") for n in rest]
+                tails = [".".join(p[-k:]).strip("_") for p in parts]
                 if len(set(tails)) == len(tails):
                     break
             for n, tail in zip(rest, tails):
@@ -345,6 +347,14 @@ def _numel(params: dict[str, tuple[int, ...]], names: Any) -> int:
             n *= d
         total += n
     return total
+
+
+def _inside_block(path: str, block_paths: list[str]) -> str:
+    """`path` relative to the block that holds it (the path itself outside blocks)."""
+    for b in block_paths:
+        if path.startswith(b + "."):
+            return path[len(b) + 1:]
+    return path
 
 
 def _has_stack_hint(path: str) -> bool:
