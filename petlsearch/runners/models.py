@@ -14,6 +14,7 @@ class ImageClassifier(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.petlsearch_family = type(net).__name__.lower()  # the graph's family is the CNN's
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput

@@ -89,6 +89,15 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Keep BatchNorm-style running statistics fixed while training: they belong to the frozen
+    backbone, and a structure file (with its safetensors weights) must reproduce the model exactly
+    on a fresh copy of that backbone."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            m.eval()
+
+
 def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -126,6 +135,7 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).train()
+    freeze_norm_statistics(model)
     optimizer = make_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     params = [p for ps, _ in groups for p in ps]

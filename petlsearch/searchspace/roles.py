@@ -38,11 +38,15 @@ CONV_TYPES = {"Conv2d", "Conv1d", "Conv3d", "Conv2dStaticSamePadding", "Conv2dDy
 
 
 def family_of(model: object) -> str:
-    """The model family from its config's model_type, else its class name, lower case."""
+    """The model family: its config's model_type, else a wrapper's `petlsearch_family` attribute
+    (a wrapper around a CNN names what it wraps), else its class name, lower case."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if isinstance(model_type, str) and model_type:
         return model_type
+    declared = getattr(model, "petlsearch_family", None)
+    if isinstance(declared, str) and declared:
+        return declared
     return type(model).__name__.lower()
 
 

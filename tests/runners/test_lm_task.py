@@ -64,3 +64,17 @@ def test_image_task_with_a_transformers_vit_folder(tmp_path) -> None:
     placements = [Placement("vision.L1.attn.q:weight", "lora", {"rank": 2, "alpha": 4, "dropout": 0.0})]
     out = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=3, batch_size=8))
     assert out.params == 2 * 64 and out.head_params == 32 * 10 + 10
+
+
+def test_cnn_batchnorm_statistics_stay_frozen() -> None:
+    """Training a structure on EfficientNet must not move the backbone's BatchNorm running stats."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import torch
+
+    task = get_task("digits", "efficientnet-lite0", image_size=32)
+    before = {k: v.clone() for k, v in task.make_model().state_dict().items() if "running_" in k}
+    placements = [Placement("vision.L1.norm.bn1:weight", "bitfit", {})]
+    run_trial(task, placements, {"bitfit": create_plugin("bitfit")}, TrainConfig(steps=2, batch_size=8))
+    model = task._cache["model"]  # the pristine backbone must be untouched too
+    after = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
