@@ -121,7 +121,15 @@ class SearchContext:
         """Trials that ended (complete, pruned or failed) in an earlier run of this search."""
         if self.journal is None:
             return {}
-        return {r["number"]: TrialRecord.from_dict(r) for r in self.journal.records() if r.get("status") != "running"}
+        done = {r["number"]: TrialRecord.from_dict(r) for r in self.journal.records() if r.get("status") != "running"}
+        known = {c.key for c in self.space.candidates}
+        for record in done.values():
+            stale = [p.candidate_key for p in record.structure() if p.candidate_key not in known]
+            if stale:
+                raise PetlsearchError(f"cannot resume from {self.journal.path}: trial {record.number} places "
+                                      f"{stale[:2]}, which this search space does not have (another model, "
+                                      "plugin set or petlsearch version made it); start a new --out")
+        return done
 
     def out_of_time(self) -> bool:
         return self.timeout is not None and time.monotonic() - self._start > self.timeout

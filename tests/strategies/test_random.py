@@ -72,3 +72,13 @@ def test_budget_too_small_for_any_candidate(tiny_task) -> None:
 
     with pytest.raises(BudgetError, match="too small"):
         search(task=tiny_task, budget="5", trials=1, fidelity=FAST, final=FAST)
+
+
+def test_resume_from_a_stale_journal_is_a_clear_error(tiny_task, tmp_path) -> None:
+    out = tmp_path / "run"
+    search(task=tiny_task, budget="2%", strategy="random", trials=1, out=out, fidelity=FAST, final=FAST)
+    journal = out / "trials.jsonl"
+    journal.write_text(journal.read_text().replace("encoder.L", "vision.L"))  # sites of another model
+    with pytest.raises(PetlsearchError, match="cannot resume.*does not have"):
+        search(task=tiny_task, budget="2%", strategy="random", trials=2, out=out, fidelity=FAST, final=FAST,
+               resume=True)
