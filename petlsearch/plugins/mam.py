@@ -20,7 +20,7 @@ from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.sites import attention_sites, sublayer_sites
 
 
-class MAMAdapter(Plugin):
+class MAMAdapter(pt.PrefixSharing, Plugin):
     name = "mam_adapter"
     description = "Prefix tuning on attention + scaled parallel adapter on the FFN (Mix-And-Match)"
     paper = "He et al., Towards a Unified View of Parameter-Efficient Transfer Learning, ICLR 2022"
@@ -55,12 +55,6 @@ class MAMAdapter(Plugin):
         if site.kind == "kv_prefix":
             return pt.prefix_count(site, cfg)
         return bottleneck_count(site.in_features, cfg["bottleneck"], site.out_features)
-
-    def shared_key(self, site: Site, cfg: dict[str, Any]) -> Any:
-        return pt.prefix_shared_key(site, cfg) if site.kind == "kv_prefix" else None
-
-    def shared_count(self, site: Site, cfg: dict[str, Any]) -> int:
-        return pt.prefix_shared_count(site, cfg) if site.kind == "kv_prefix" else 0
 
     def build(self, site: Site, cfg: dict[str, Any]) -> PETLModule:
         if site.kind == "kv_prefix":

@@ -111,6 +111,17 @@ def prefix_shared_count(site: Site, cfg: dict[str, Any]) -> int:
     return cfg["length"] * d + d * h + h
 
 
+class PrefixSharing:
+    """Mixin for composite plugins (MAM, the unified view) that also place prefixes on kv_prefix
+    sites: the prefix's reparameterisation MLP is shared, the plugin's other modules are not."""
+
+    def shared_key(self, site: Site, cfg: dict[str, Any]) -> Any:
+        return prefix_shared_key(site, cfg) if site.kind == "kv_prefix" else None
+
+    def shared_count(self, site: Site, cfg: dict[str, Any]) -> int:
+        return prefix_shared_count(site, cfg) if site.kind == "kv_prefix" else 0
+
+
 def build_prefix(plugin: Plugin, site: Site, cfg: dict[str, Any]) -> PrefixModule:
     shared = None
     if cfg["reparam"]:

@@ -88,7 +88,7 @@ class ParallelBranch(_Branch, ParallelDelta):
         self._make(site.in_features, site.out_features, cfg)
 
 
-class UnifiedView(Plugin):
+class UnifiedView(pt.PrefixSharing, Plugin):
     name = "unified"
     description = "He et al.'s design space: insertion form x representation x functional form x scaling"
     paper = "He et al., Towards a Unified View of Parameter-Efficient Transfer Learning, ICLR 2022"
@@ -131,12 +131,6 @@ class UnifiedView(Plugin):
         r, fout = cfg["bottleneck"], site.out_features
         n = r * (fin + fout) if cfg["form"] == "lora" else bottleneck_count(fin, r, fout)
         return n + (cfg["scaling_mode"] == "learned")
-
-    def shared_key(self, site: Site, cfg: dict[str, Any]) -> Any:
-        return pt.prefix_shared_key(site, cfg) if site.kind == "kv_prefix" else None
-
-    def shared_count(self, site: Site, cfg: dict[str, Any]) -> int:
-        return pt.prefix_shared_count(site, cfg) if site.kind == "kv_prefix" else 0
 
     def build(self, site: Site, cfg: dict[str, Any]) -> PETLModule:
         if site.kind == "kv_prefix":
