@@ -248,6 +248,37 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+class RunLog:
+    """Finished runs of an expensive benchmark, one JSON line each, so that an interrupted full run
+    resumes where it stopped: a run is keyed by everything that decides its result."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, Any] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut off by a kill
+                    continue
+                self.done[rec["key"]] = rec["value"]
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        return json.dumps(parts, sort_keys=True, default=str)
+
+    def get(self, key: str) -> Any:
+        return self.done.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self.done[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "value": value}, default=_plain) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def mib(n: float) -> float:
     return n / 2**20
 

@@ -11,15 +11,24 @@ gradient, so backward never crosses it: that is where the memory saving comes fr
 state is up-projected and added to the last block's output (before the stack's final norm, which
 then normalises both); the up-projection starts at zero, so a fresh module changes nothing.
 
-Sites: one per stack (`stack_sites`) whose blocks have separate q/k/v projections, no
-cross-attention and no rotary embedding (BERT, ViT, the T5 encoder, CLIP's towers). While it is
-installed, other placements inside that stack get no gradient.
+On an encoder-decoder (T5) the side network has both halves, as in the paper: a side encoder
+beside the encoder and a side decoder beside the decoder, whose cross-attention reads the side
+encoder's output (through a pruned copy of the encoder's final norm), and only the side decoder's
+output is up-projected into the backbone. Backward then crosses no backbone layer at all; a side
+encoder alone would send the gradient back through every decoder layer's cross-attention.
+
+Sites: one per stack (`stack_sites`) whose blocks have separate q/k/v projections and no rotary
+embedding (BERT, ViT, CLIP's towers, T5EncoderModel), and one `encoder+decoder` site on a model
+whose decoder cross-attends to an encoder. While it is installed, other placements inside those
+stacks get no gradient. The side decoder runs without a KV cache: generate with use_cache=False.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -36,7 +45,24 @@ ROLE_DIMS: dict[str, tuple[str, str | None]] = {
     "attn.q": ("inner", "hidden"), "attn.k": ("inner", "hidden"), "attn.v": ("inner", "hidden"),
     "attn.o": ("hidden", "inner"), "ffn.up": ("ffn", "hidden"), "ffn.gate": ("ffn", "hidden"),
     "ffn.down": ("hidden", "ffn"), "norm": ("hidden", None),
+    "xattn.q": ("inner", "hidden"), "xattn.k": ("inner", "hidden"), "xattn.v": ("inner", "hidden"),
+    "xattn.o": ("hidden", "inner"),
 }
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # a side block must not write the backbone's cache
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """One backbone stack a side half runs beside: its block list, the (role, parameter, shape)
+    of each block's parameters, its activation profile, and (for an encoder that feeds a side
+    decoder) its final norm, whose pruned copy normalises the side encoder's output."""
+
+    path: str
+    layers: int
+    params: tuple[tuple[tuple[str, str, tuple[int, ...]], ...], ...]
+    profile: Any = None  # memory.BlockProfile
+    norm_path: str | None = None
+    norm_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 def side_widths(site: Site, reduction: int) -> dict[str, int]:
@@ -59,70 +85,130 @@ def pruned_numel(role: str, param: str, shape: tuple[int, ...], widths: dict[str
     return out * widths[dims[1]] if param == "weight" and dims[1] else out
 
 
+class SideStack(nn.Module):
+    """The side half beside one backbone stack: its first down-projection, ladders, gates and blocks."""
+
+    def __init__(self, hidden: int, side_hidden: int, kept: list[int]) -> None:
+        super().__init__()
+        self.kept = kept
+        self.down_first = nn.Linear(hidden, side_hidden)  # embeddings -> first side state
+        self.downs = nn.ModuleList(nn.Linear(hidden, side_hidden) for _ in kept)  # the ladders
+        self.alphas = nn.Parameter(torch.zeros(len(kept)))  # mu starts at 0.5
+        self.blocks = nn.ModuleList()  # pruned copies of the kept backbone blocks, made at install
+        self.norm: nn.Module | None = None  # pruned copy of the stack's final norm (a side encoder's)
+
+    def ladder(self, k: int, side: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        mu = torch.sigmoid(self.alphas[k] / TEMPERATURE)
+        return mu * side + (1 - mu) * self.downs[k](hidden.detach())
+
+
 class LadderSide(PETLModule):
-    """The side network of one stack, its ladders and its up-projection."""
+    """The side network: one half per stack (encoder, or encoder and decoder) and the up-projection
+    of the last half's output into the backbone."""
 
     def __init__(self, site: Site, cfg: dict[str, Any]) -> None:
         super().__init__(site)
         self.widths = side_widths(site, cfg["reduction"])
-        self.kept = kept_layers(site.get("layers"), cfg["keep_every"])
+        self.specs: tuple[StackSpec, ...] = site.get("stacks")
         h, hs = site.in_features, self.widths["hidden"]
-        self.down_first = nn.Linear(h, hs)  # embeddings -> first side state
-        self.downs = nn.ModuleList(nn.Linear(h, hs) for _ in self.kept)  # the ladders
-        self.alphas = nn.Parameter(torch.zeros(len(self.kept)))  # mu starts at 0.5
+        self.halves = nn.ModuleList(SideStack(h, hs, kept_layers(spec.layers, cfg["keep_every"]))
+                                    for spec in self.specs)
         self.up = nn.Linear(hs, h)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.blocks = nn.ModuleList()  # pruned copies of the kept backbone blocks, made at install
-        self._side: torch.Tensor | None = None
+        self._state: list[torch.Tensor | None] = [None] * len(self.specs)
+        self._memory: torch.Tensor | None = None  # the side encoder's output, for the side decoder
         self._grad: list[bool] = []
+        self._signatures: list[inspect.Signature] = []
+
+    @property
+    def alphas(self) -> nn.Parameter:
+        """The gates of the last half (the only one on an encoder)."""
+        return self.halves[-1].alphas
+
+    @property
+    def downs(self) -> nn.ModuleList:
+        return self.halves[-1].downs
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.halves[-1].blocks
 
     # ------------------------------------------------------------------ install
     def install(self, model: nn.Module) -> None:
-        parent_path = self.site.path.rsplit(".", 1)[0] if "." in self.site.path else ""
-        host = model.get_submodule(parent_path)  # not the block list: it would iterate over us
-        blocks = list(model.get_submodule(self.site.path))
-        if not len(self.blocks):
-            reference = next(self.parameters())
-            for i in self.kept:
-                side = prune_block(blocks[i], self.widths).to(device=reference.device, dtype=reference.dtype)
-                self.blocks.append(side.train(self.training))
+        last = self.specs[-1].path
+        host = model.get_submodule(last.rsplit(".", 1)[0] if "." in last else "")  # not the block list
+        reference = next(self.parameters())
+        for j, (spec, half) in enumerate(zip(self.specs, self.halves)):
+            blocks = list(model.get_submodule(spec.path))
+            if not len(half.blocks):
+                for i in half.kept:
+                    side = prune_block(blocks[i], self.widths).to(device=reference.device, dtype=reference.dtype)
+                    half.blocks.append(side.train(self.training))
+                if spec.norm_path is not None:
+                    norm = prune_norm(model.get_submodule(spec.norm_path), self.widths["hidden"])
+                    half.norm = norm.to(device=reference.device, dtype=reference.dtype)
+            self._signatures.append(inspect.signature(half.blocks[0].forward))
+            for i, block in enumerate(blocks):
+                self._handles.append(block.register_forward_pre_hook(self._pre(j, i), with_kwargs=True))
+                self._handles.append(block.register_forward_hook(  # always: restore grad mode on errors too
+                    self._post(j, i, last=i == len(blocks) - 1), with_kwargs=True, always_call=True))
         host.add_module(self.child_name, self)
         self._hosts.append(host)
-        for i, block in enumerate(blocks):
-            self._handles.append(block.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._handles.append(block.register_forward_hook(  # always: restore grad mode on errors too
-                self._post(i, last=i == len(blocks) - 1), with_kwargs=True, always_call=True))
 
-    def _pre(self, i: int) -> Any:
+    def _pre(self, j: int, i: int) -> Any:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
             self._grad.append(torch.is_grad_enabled())
             if self.gate_off:
                 return
             if i == 0:
+                if j > 0 and _cached_length(kwargs) > 0:
+                    raise NotImplementedError("lst: the side decoder keeps no KV cache; generate with use_cache=False")
                 x = args[0] if args else kwargs["hidden_states"]
-                self._side = self.down_first(x.detach())
+                self._state[j] = self.halves[j].down_first(x.detach())
             torch.set_grad_enabled(False)  # the backbone keeps nothing for backward
         return hook
 
-    def _post(self, i: int, last: bool) -> Any:
+    def _post(self, j: int, i: int, last: bool) -> Any:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             torch.set_grad_enabled(self._grad.pop() if self._grad else True)
-            if self.gate_off or self._side is None or out is None:
+            half = self.halves[j]
+            if self.gate_off or self._state[j] is None or out is None:
                 return None
-            if i in self.kept:
-                k = self.kept.index(i)
-                mu = torch.sigmoid(self.alphas[k] / TEMPERATURE)
-                x = mu * self._side + (1 - mu) * self.downs[k](_first(out).detach())
-                side_args = (x, *args[1:]) if args else ()
-                side_kwargs = kwargs if args else {**kwargs, "hidden_states": x}
-                self._side = _first(self.blocks[k](*side_args, **side_kwargs))
+            if i in half.kept:
+                k = half.kept.index(i)
+                x = half.ladder(k, self._state[j], _first(out))
+                side_args, side_kwargs = self._side_call(j, x, args, kwargs)
+                self._state[j] = _first(half.blocks[k](*side_args, **side_kwargs))
             if not last:
                 return None
-            side, self._side = self._side, None
+            side, self._state[j] = self._state[j], None
+            if j < len(self.halves) - 1:  # a side encoder: its output feeds the side decoder
+                self._memory = half.norm(side) if half.norm is not None else side
+                return None
             hidden = _first(out) + self.gated(self.up(side))
             return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
         return hook
+
+    def _side_call(self, j: int, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The backbone block's arguments for the side block: the side state as hidden states, the
+        side encoder's output as what a decoder cross-attends to, and no cache."""
+        signature = self._signatures[j]
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.arguments[next(iter(signature.parameters))] = x
+        if j > 0 and "encoder_hidden_states" in bound.arguments:
+            bound.arguments["encoder_hidden_states"] = self._memory
+        for name in CACHE_ARGS:
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = None
+        if "use_cache" in bound.arguments:
+            bound.arguments["use_cache"] = False
+        return bound.args, bound.kwargs
+
+
+def _cached_length(kwargs: dict) -> int:
+    cache = next((kwargs[n] for n in CACHE_ARGS if kwargs.get(n) is not None), None)
+    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -182,6 +268,17 @@ def prune_block(block: nn.Module, widths: dict[str, int]) -> nn.Module:
     for m in norms:
         _slice(m, keep["hidden"], None)
     _fix_sizes(side, old, widths, heads)
+    for p in side.parameters():
+        p.requires_grad_(True)
+    return side
+
+
+def prune_norm(norm: nn.Module, width: int) -> nn.Module:
+    """A trainable copy of a final norm cut to the `width` units of largest |gain|."""
+    side = copy.deepcopy(norm)
+    _strip(side)
+    keep = _top(side.weight.detach().float().abs(), width)
+    _slice(side, keep, None)
     for p in side.parameters():
         p.requires_grad_(True)
     return side
@@ -249,6 +346,21 @@ def _supported(graph: Any, stack: str) -> bool:
             and not any("Rotary" in n.type for n in graph.nodes.values()))
 
 
+def _stack_spec(graph: Any, site: Site, feeds_decoder: bool) -> StackSpec:
+    from petlsearch.searchspace.memory import block_profile
+
+    params = tuple(
+        tuple((n.role or "", name, shape) for n in graph.nodes.values()
+              if n.path.startswith(b.path + ".") for name, shape in n.params.items())
+        for b in graph.blocks if b.stack == site.stack)
+    norm = None
+    if feeds_decoder:  # the stack's own final norm: a norm outside the blocks, not the embeddings'
+        norm = next((n for n in graph.find(role="norm", stack=site.stack)
+                     if n.layer is None and "embed" not in n.path.lower()), None)
+    return StackSpec(site.path, len(params), params, block_profile(graph, site.stack),
+                     norm.path if norm else None, tuple(norm.params.items()) if norm else ())
+
+
 class LadderSideTuning(Plugin):
     name = "lst"
     description = "Ladder side network of reduced width fed by the frozen backbone's hidden states"
@@ -256,21 +368,25 @@ class LadderSideTuning(Plugin):
     kinds = ("side",)
 
     def sites(self, graph: Any) -> list[Site]:
-        from petlsearch.searchspace.memory import block_profile
-
+        stacks = {s.stack: s for s in stack_sites(graph, "side") if _supported(graph, s.stack)}
+        decoders = {n.stack for n in graph.nodes.values() if n.role == "xattn.q"}
         sites = []
-        for site in stack_sites(graph, "side"):
-            if not _supported(graph, site.stack):
-                continue
-            q = graph.find(role="attn.q", stack=site.stack)[0]
-            up = graph.find(role=("ffn.up", "ffn.gate"), stack=site.stack)[0]
-            params = tuple(
-                tuple((n.role or "", name, shape) for n in graph.nodes.values()
-                      if n.path.startswith(b.path + ".") for name, shape in n.params.items())
-                for b in graph.blocks if b.stack == site.stack)
-            sites.append(site.with_extra(heads=graph.num_heads(site.stack) or 1, inner=q.out_features,
-                                         ffn=up.out_features, params=params,
-                                         profile=block_profile(graph, site.stack)))
+        for stack, site in stacks.items():
+            if stack in decoders:  # one side network for both: the side decoder reads the side encoder
+                encoder = stacks.get("encoder")
+                if encoder is None:
+                    continue
+                specs = (_stack_spec(graph, encoder, feeds_decoder=True), _stack_spec(graph, site, False))
+                site = replace(site, name="encoder+decoder")
+            elif decoders and stack == "encoder":
+                continue  # its half belongs to the encoder+decoder site
+            else:
+                specs = (_stack_spec(graph, site, False),)
+            q = graph.find(role="attn.q", stack=stack)[0]
+            up = graph.find(role=("ffn.up", "ffn.gate"), stack=stack)[0]
+            sites.append(site.with_extra(heads=graph.num_heads(stack) or 1, inner=q.out_features,
+                                         ffn=up.out_features, stacks=specs,
+                                         layers=max(spec.layers for spec in specs)))
         return sites
 
     def dims(self, site: Site) -> dict[str, Dim]:
@@ -285,27 +401,31 @@ class LadderSideTuning(Plugin):
 
     def count(self, site: Site, cfg: dict[str, Any]) -> int:
         widths = side_widths(site, cfg["reduction"])
-        kept = kept_layers(site.get("layers"), cfg["keep_every"])
         h, hs = site.in_features, widths["hidden"]
-        blocks = sum(pruned_numel(role, name, shape, widths)
-                     for i in kept for role, name, shape in site.get("params")[i])
-        ladders = (len(kept) + 1) * (h * hs + hs) + len(kept)  # downs (first too) and gates
-        return blocks + ladders + hs * h + h  # + up-projection
+        total = hs * h + h  # the up-projection
+        for spec in site.get("stacks"):
+            kept = kept_layers(spec.layers, cfg["keep_every"])
+            total += sum(pruned_numel(role, name, shape, widths) for i in kept for role, name, shape in spec.params[i])
+            total += (len(kept) + 1) * (h * hs + hs) + len(kept)  # downs (first too) and gates
+            total += len(spec.norm_params) * hs  # the side encoder's final norm
+        return total
 
     def build(self, site: Site, cfg: dict[str, Any]) -> LadderSide:
         return LadderSide(site, cfg)
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         """Side blocks with trainable weights at width / r; each ladder keeps the backbone state it
-        reads (width h) and its two mixed terms; the up-projection keeps its input."""
-        from petlsearch.searchspace.memory import BlockProfile
-
-        profile: BlockProfile | None = site.get("profile")
+        reads (width h) and its two mixed terms; a side encoder's final norm its input and
+        statistics; the up-projection keeps its input."""
         widths = side_widths(site, cfg["reduction"])
-        kept = kept_layers(site.get("layers"), cfg["keep_every"])
         hs, tokens = widths["hidden"], shape.tokens
-        blocks = 0.0
-        if profile is not None:
-            blocks = len(kept) * profile.scaled(cfg["reduction"]).elements(tokens, shape.seq, trainable=True)
-        ladders = tokens * (len(kept) + 1) * site.in_features + tokens * len(kept) * 2 * hs
-        return int(blocks + ladders + tokens * hs)
+        total = float(tokens * hs)
+        for spec in site.get("stacks"):
+            kept = kept_layers(spec.layers, cfg["keep_every"])
+            if spec.profile is not None:
+                profile = spec.profile.scaled(cfg["reduction"])
+                total += len(kept) * profile.elements(tokens, shape.seq, trainable=True)
+                if spec.norm_path is not None:
+                    total += tokens * (hs + profile.norm_stats)
+            total += tokens * (len(kept) + 1) * site.in_features + tokens * len(kept) * 2 * hs
+        return int(total)

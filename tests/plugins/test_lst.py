@@ -25,10 +25,10 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 
 def test_sites_per_stack() -> None:
     plugin = LadderSideTuning()
-    for family, stacks in (("bert", ["encoder"]), ("t5", ["encoder"]), ("vit", ["vision"]),
-                           ("clip", ["text", "vision"]), ("gpt2", []), ("llama", [])):
+    for family, names in (("bert", ["encoder"]), ("t5", ["encoder+decoder"]), ("vit", ["vision"]),
+                          ("clip", ["text", "vision"]), ("gpt2", []), ("llama", [])):
         graph = ModelGraph.from_model(tiny.FAMILIES[family]())
-        assert [s.stack for s in plugin.sites(graph)] == stacks, family
+        assert [s.name for s in plugin.sites(graph)] == names, family
 
 
 def test_kept_layers_always_keep_the_last() -> None:
@@ -114,14 +114,56 @@ def _t5_like() -> T5ForConditionalGeneration:
     return _frozen(T5ForConditionalGeneration(cfg))
 
 
-def test_training_memory_well_below_lora_and_full_finetuning_on_t5() -> None:
-    """GLUE as text-to-text: long inputs, a target of two tokens. Measured on this config (CPU):
-    activations LST / LoRA ~0.65, LST / full ~0.48; totals save ~57% (LST) and ~38% (LoRA) of full
-    fine-tuning's. The side blocks keep every head's attention probabilities, which do not shrink
-    with r; the paper's 69% saving is for T5-base with a side decoder as well."""
+def _t5_batch(target: int = 2) -> dict[str, torch.Tensor]:
+    """GLUE as text-to-text: long inputs, a short target."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 300, (8, 64), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids[:, :2]}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, :target].contiguous()}
+
+
+def test_t5_side_decoder_reads_the_side_encoder_and_no_backbone_block_keeps_a_graph() -> None:
+    model = _t5_like()
+    plugin = LadderSideTuning()
+    site = plugin.sites(ModelGraph.from_model(model))[0]
+    cfg = {"reduction": 4, "keep_every": 1}
+    batch = _t5_batch(8)
+    model.eval()
+    before = model(**batch).logits
+    module = plugin.attach(model, site, cfg)
+    assert [len(h.blocks) for h in module.halves] == [2, 2]
+    assert module.trainable_count() == plugin.count(site, cfg)
+    assert torch.equal(model(**batch).logits, before)  # the up-projection starts at zero
+    torch.nn.init.normal_(module.up.weight)
+    grad_modes = []
+    blocks = [*model.encoder.block, *model.decoder.block]
+    hooks = [b.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled())) for b in blocks]
+    model.train()
+    model(**batch).loss.backward()
+    for h in hooks:
+        h.remove()
+    assert grad_modes == [False] * 4  # neither stack of the backbone keeps anything for backward
+    encoder_half = module.halves[0]
+    # the side encoder learns only through the side decoder's cross-attention
+    assert encoder_half.blocks[0].layer[0].SelfAttention.q.weight.grad.abs().sum() > 0
+    assert encoder_half.norm.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.encoder.parameters() if not p.requires_grad)
+
+
+def test_t5_generation_needs_no_cache() -> None:
+    model = _t5_like()
+    plugin = LadderSideTuning()
+    plugin.attach(model, plugin.sites(ModelGraph.from_model(model))[0], {"reduction": 4, "keep_every": 2})
+    ids = _t5_batch()["input_ids"][:2]
+    assert model.generate(ids, max_new_tokens=3, use_cache=False).shape == (2, 4)
+    with pytest.raises(NotImplementedError, match="use_cache=False"):
+        model.generate(ids, max_new_tokens=3)
+
+
+def test_training_memory_well_below_lora_and_full_finetuning_on_t5() -> None:
+    """Measured on this config (CPU, target of two tokens): LST's activations are 0.57 of LoRA's on
+    q and v, its total 0.63 of LoRA's; the side blocks keep every head's attention probabilities, which do not
+    shrink with r."""
+    batch = _t5_batch()
 
     full_model = _t5_like()
     for p in full_model.parameters():
@@ -140,5 +182,6 @@ def test_training_memory_well_below_lora_and_full_finetuning_on_t5() -> None:
 
     log.info("activations: full %d, lora %d, lst %d; totals: full %d, lora %d, lst %d", full.activations,
              lora_mem.activations, lst_mem.activations, full.total, lora_mem.total, lst_mem.total)
-    assert lst_mem.activations < 0.75 * lora_mem.activations < full.activations
-    assert lst_mem.total < 0.75 * lora_mem.total < full.total
+    assert lst_mem.activations < 0.65 * lora_mem.activations < full.activations
+    assert lst_mem.total < 0.7 * lora_mem.total < full.total
+    assert lst_mem.total < 0.4 * full.total
