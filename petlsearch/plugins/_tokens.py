@@ -129,9 +129,9 @@ def layer_sites(graph: ModelGraph) -> list[Site]:
 
 
 def token_activations(site: Site, n: int, shape: BatchShape) -> int:
-    """The extra positions' hidden states, one per downstream block (a lower bound of their cost)."""
-    layers = (site.get("layers") or 1) - (site.layer or 0)
-    return shape.batch * n * (site.in_features or 0) * layers
+    """The inserted tokens themselves; what the longer sequence costs the blocks downstream the
+    memory model adds from `added_tokens`."""
+    return shape.batch * n * (site.in_features or 0)
 
 
 # ---------------------------------------------------------------------------------- modules

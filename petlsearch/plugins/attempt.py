@@ -185,3 +185,6 @@ class Attempt(Plugin):
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         return token_activations(site, cfg["length"], shape)
+
+    def added_tokens(self, site: Site, cfg: dict[str, Any]) -> int:
+        return cfg["length"]

@@ -412,6 +412,11 @@ class Plugin:
         """Elements this placement's own forward saves for backward (the memory model adds them)."""
         return 0
 
+    def added_tokens(self, site: Site, cfg: dict[str, Any]) -> int:
+        """Positions this placement adds to its stack's sequence from its layer up (tokens kinds):
+        the memory model runs those blocks at the longer length."""
+        return 0
+
     # ------------------------------------------------------------------ provided
     def memory(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         """Bytes of training memory this placement adds: its trainable state and its activations."""

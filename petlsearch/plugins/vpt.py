@@ -82,3 +82,6 @@ class VisualPromptTuning(Plugin):
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         return token_activations(site, cfg["length"], shape)
+
+    def added_tokens(self, site: Site, cfg: dict[str, Any]) -> int:
+        return cfg["length"]

@@ -9,7 +9,10 @@ Parameter and Memory Efficient Transfer Learning, NeurIPS 2022). The model here 
 - activations that backward must keep. Layers below the lowest placement that needs a gradient
   through the backbone keep nothing (their inputs need no grad and their weights are frozen), so a
   stack costs the blocks from that placement up (`BlockProfile.elements`, per token, calibrated
-  against `measure` on BERT, T5 and ViT), its final norm, and the loss' logits. Query placements (VQT)
+  against `measure` on BERT, T5 and ViT), its final norm, and the loss' logits. Token placements
+  (prompts) make the blocks from their layer up run on a longer sequence; an update of a
+  projection's weight (FISH, DSEE, KAdaptation) makes the effective weight a tensor that needs a
+  gradient, so that projection keeps its input and the dense effective weight. Query placements (VQT)
   and side networks (LST) need no backprop through the backbone: they cost their own activations.
 
 `estimate` is what budgets and strategies use; `measure` is the ground truth it is tested against
@@ -40,6 +43,7 @@ _ROLE_LEVEL = {
     "xattn.q": XATTN_IN, "xattn.k": XATTN_IN, "xattn.v": XATTN_IN, "xattn.o": XATTN_OUT, "xattn": XATTN_OUT,
     "ffn.up": FFN_IN, "ffn.gate": FFN_IN, "ffn.down": FFN_OUT, "ffn": FFN_OUT,
 }
+_PROJECTIONS = {role for role in _ROLE_LEVEL if role.startswith(("attn.", "xattn.", "ffn."))}
 # kinds whose gradient reaches them through the backbone (the others cost their own activations)
 THROUGH_KINDS = ("weight", "sequential", "parallel", "scale", "tokens", "kv_prefix")
 # elements an activation function saves per FFN element (measured: exact GELU / ReLU / SiLU keep one
@@ -206,15 +210,39 @@ def _trainable_count(placements: list[Placement]) -> int:
 
 
 def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchShape) -> float:
-    """A placement's own activations; a scale (IA3) that does not declare them keeps the tensor it
-    multiplies (its gradient needs it)."""
+    """A placement's own activations, where the plugin does not declare them: a scale (IA3) keeps
+    the tensor it multiplies; an update of a projection's weight makes the matmul keep its input
+    and the effective weight (measured: FISH, DSEE, KAdaptation), a bias or norm update nothing."""
     from petlsearch.plugins.base import Plugin as _Base
 
     if type(plugin).activation_elements is not _Base.activation_elements:
         return plugin.activation_elements(site, cfg, shape)
     if site.kind == "scale":
         return shape.tokens * ((site.in_features if site.get("where") == "input" else site.out_features) or 0)
+    if (site.kind == "weight" and (site.param or "weight") == "weight" and site.role in _PROJECTIONS
+            and site.in_features and site.out_features):
+        return shape.tokens * site.in_features + site.in_features * site.out_features
     return 0.0
+
+
+def _added_tokens(graph: ModelGraph, placements: list[Placement]) -> dict[str, list[int]]:
+    """Per stack, the positions token placements add to each layer's sequence: input-level tokens
+    join every layer; a layer's prompts (VPT) replace the previous layer's, so the longest counts."""
+    inputs: dict[str, int] = {}
+    deep: dict[str, list[int]] = {}
+    for plugin, site, cfg in placements:
+        n = plugin.added_tokens(site, plugin.config(site, cfg))
+        if not n or site.stack not in graph.stacks:
+            continue
+        layers = len(graph.layers(site.stack))
+        if site.layer is None:
+            inputs[site.stack] = inputs.get(site.stack, 0) + n
+        else:
+            row = deep.setdefault(site.stack, [0] * layers)
+            for i in range(site.layer, layers):
+                row[i] = max(row[i], n)
+    return {stack: [inputs.get(stack, 0) + d for d in deep.get(stack, [0] * len(graph.layers(stack)))]
+            for stack in {*inputs, *deep}}
 
 
 def _level(graph: ModelGraph, site: Site) -> int:
@@ -276,22 +304,27 @@ def _activations(graph: ModelGraph, placements: list[Placement], shape: BatchSha
     has_xattn = any(n.role == "xattn.q" for n in graph.nodes.values())
     if has_xattn and "encoder" in starts and "decoder" in graph.stacks:  # the gradient reaches the
         starts["decoder"] = min(starts.get("decoder", (0, XATTN_IN)), (0, XATTN_IN))  # encoder via cross-attention
+    added = _added_tokens(graph, placements)
     for stack, (layer, level) in starts.items():
         kv_grad = stack != "decoder" or "encoder" in starts
-        out[f"{stack}.blocks"] = _stack_blocks(graph, stack, layer, level, shape, device, sdpa, kv_grad)
-        out[f"{stack}.top"] = _stack_top(graph, stack, shape, embed=layer < 0)
+        extra = added.get(stack, [0] * len(graph.layers(stack)))
+        out[f"{stack}.blocks"] = _stack_blocks(graph, stack, layer, level, shape, device, sdpa, kv_grad, extra)
+        top = replace(shape, seq=shape.seq + (extra[-1] if extra else 0))
+        out[f"{stack}.top"] = _stack_top(graph, stack, top, embed=layer < 0)
     out["own"] = own
     out["logits"] = _logits(graph, shape, pooled_inputs=bool(starts))
     return out
 
 
 def _stack_blocks(graph: ModelGraph, stack: str, layer: int, level: int, shape: BatchShape, device: str,
-                  sdpa: bool, kv_grad: bool) -> float:
+                  sdpa: bool, kv_grad: bool, added: list[int]) -> float:
+    """The blocks from `layer` up, each at its sequence length (`added` tokens longer)."""
     profile = block_profile(graph, stack)
     total = 0.0
     for i in range(max(layer, 0), len(graph.layers(stack))):
         start = level if i == layer else BELOW
-        total += profile.elements(shape.tokens, shape.seq, start=start, device=device, sdpa=sdpa, kv_grad=kv_grad)
+        seq = shape.seq + added[i]
+        total += profile.elements(shape.batch * seq, seq, start=start, device=device, sdpa=sdpa, kv_grad=kv_grad)
     return total
 
 

@@ -1,4 +1,5 @@
-"""The memory model against measurement: every core plugin, LST and VQT within 15% on small configs."""
+"""The memory model against measurement: core, sparse, token, side and query plugins within 15% on
+small configs."""
 
 from __future__ import annotations
 
@@ -45,9 +46,12 @@ def small(family: str) -> tuple[nn.Module, dict, BatchShape]:
     return _frozen(ViTForImageClassification(cfg)), {"pixel_values": pixels}, BatchShape(B, 17)
 
 
-def _attach(model: nn.Module, name: str, pick: str = "all") -> tuple[ModelGraph, list]:
+def _attach(model: nn.Module, name: str, pick: str = "all", batch: dict | None = None) -> tuple[ModelGraph, list]:
     graph = ModelGraph.from_model(model)
     plugin = create_plugin(name)
+    if plugin.needs_data:  # FISH's Fisher scores, DSEE's sparse support
+        labelled = {**batch, "labels": torch.zeros(B, dtype=torch.long)} if "decoder_input_ids" not in batch else batch
+        plugin.prepare(model, [labelled])
     sites = plugin.sites(graph)
     if pick == "top":
         top = max(s.layer or 0 for s in sites)
@@ -65,12 +69,17 @@ CASES = [(f, p, pick) for f in ("bert", "t5", "vit")
          for pick in ("all", "top")
          if not (f == "t5" and p in ("bitfit", "vqt")) and not (p == "lst" and pick == "top")
          and not (f == "t5" and pick == "all" and p in ("lora", "adapter", "parallel_adapter"))]  # speed
+# weight updates that materialise a dense effective weight, and tokens that lengthen the sequence
+CASES += [(f, p, pick) for f, p in (("bert", "fish_mask"), ("bert", "dsee"), ("bert", "kadaptation"),
+                                    ("vit", "fish_mask"), ("t5", "kadaptation"), ("bert", "prompt_tuning"),
+                                    ("bert", "attempt"), ("bert", "vpt"), ("vit", "vpt"), ("t5", "prompt_tuning"))
+          for pick in ("all", "top") if not (p in ("prompt_tuning", "attempt") and pick == "top")]
 
 
 @pytest.mark.parametrize(("family", "name", "pick"), CASES)
 def test_estimate_within_15_percent_of_measured(family: str, name: str, pick: str) -> None:
     model, batch, shape = small(family)
-    graph, placements = _attach(model, name, pick)
+    graph, placements = _attach(model, name, pick, batch)
     measured = measure(model, batch)
     est = estimate(graph, placements, shape)
     assert abs(est.total - measured.total) <= 0.15 * measured.total, (est, measured)
@@ -78,6 +87,19 @@ def test_estimate_within_15_percent_of_measured(family: str, name: str, pick: st
     assert abs(est.activations - measured.activations) <= 0.15 * measured.activations, (est, measured)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.trainable_state == 16 * trained
+
+
+def test_prompts_at_the_input_and_deep_prompts_lengthen_the_blocks_they_feed() -> None:
+    model, batch, shape = small("bert")
+    graph = ModelGraph.from_model(model)
+    prompt, vpt = create_plugin("prompt_tuning"), create_plugin("vpt")
+    placements = [(prompt, prompt.sites(graph)[0], {"length": 8})]
+    placements += [(vpt, site, {"length": 4}) for site in vpt.sites(graph) if site.layer == 1]
+    for plugin, site, cfg in placements:
+        plugin.attach(model, site, plugin.config(site, cfg))
+    measured = measure(model, batch)
+    est = estimate(graph, [(p, s, p.config(s, c)) for p, s, c in placements], shape)
+    assert abs(est.activations - measured.activations) <= 0.05 * measured.activations, (est, measured)
 
 
 def test_measure_counts_each_storage_once() -> None:
