@@ -61,16 +61,29 @@ def run_one(name: str, opts: Options) -> Report:
     return report
 
 
-def summary(reports: Sequence[Report], opts: Options) -> Path:
-    table = Table("Targets", ["benchmark", "figure", "measured", "target", ""])
-    for r in reports:
-        for t in r.targets:
-            table.add(r.name, *t.row())
-        if r.skipped:
-            table.add(r.name, "(skipped)", r.skipped, "", "")
+def summary(opts: Options) -> Path:
+    """summary.md from every report in the results folder (this run's and earlier ones), so that
+    benchmarks run one at a time still add up to one table."""
+    import json
+
+    from bench.common import Target
+
+    table = Table("Targets", ["benchmark", "figure", "measured", "target", "", "measured on"])
+    links = []
+    for name in BENCHMARKS:
+        stem = f"{name}-quick" if opts.quick else name
+        path = opts.out / f"{stem}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        links.append(f"[{name}]({stem}.md)")
+        for t in data.get("targets", []):
+            target = Target(t["name"], t["value"], t["limit"], t["op"], t["unit"])
+            table.add(name, *target.row(), data["env"]["date"])
+        if data.get("skipped"):
+            table.add(name, "(skipped)", data["skipped"], "", "", data["env"]["date"])
     path = opts.out / ("summary-quick.md" if opts.quick else "summary.md")
-    links = ", ".join(f"[{r.name}]({r.stem}.md)" for r in reports)
-    path.write_text(f"# Benchmark summary\n\nReports: {links}\n\n{table.markdown()}")
+    path.write_text(f"# Benchmark summary\n\nReports: {', '.join(links)}\n\n{table.markdown()}")
     return path
 
 
@@ -84,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = run_one(name, opts)
         sys.stdout.write(report.markdown() + "\n")
         reports.append(report)
-    path = summary(reports, opts)
+    path = summary(opts)
     log.info("summary: %s", path)
     failed = [f"{r.name}: {t.name}" for r in reports for t in r.targets if not t.passed]
     if failed:

@@ -3,6 +3,8 @@
 1. Training step (forward, backward, AdamW step) of petlsearch's LoRA and IA3 against peft's on
    the same modules of the real all-MiniLM-L6-v2, batch 32 x 64 tokens; the two models train
    alternately in one process; the figure is the median of the per-round ratios (target <= 1.05).
+   Then the FISH mask (its default density, 0.5% of each weight, on every site) against BitFit
+   (every bias) on the same model and batch, interleaved (target <= 1.3).
 2. Inference forward of a model carrying every candidate of the default search space (LoRA,
    adapters, parallel adapters, BitFit, IA3 at every site) with every gate at 0, against the bare
    model (target <= 1.02); with 0-dim tensor gates (a differentiable search) for information.
@@ -63,6 +65,18 @@ def step_ratios(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner
         table.add(kind, a.trainable, median(times["petlsearch"]) * 1e3, median(times["peft"]) * 1e3,
                   ratio, dev, len(times["peft"]))
     return ratios
+
+
+def sparse_ratio(base: torch.nn.Module, task: Any, batch: dict[str, Any], rounds: int, inner: int,
+                 table: Table) -> float:
+    """FISH mask / BitFit training step time, interleaved."""
+    fish = M.apply_plugin(copy.deepcopy(base), "fish_mask", batches=task.batches("train", 16, seed=0))
+    bitfit = M.apply_plugin(copy.deepcopy(base), "bitfit")
+    times = interleave({"fish_mask": _train_step(fish, batch), "bitfit": _train_step(bitfit, batch)}, rounds, inner)
+    ratio, dev = paired_ratio(times["fish_mask"], times["bitfit"])
+    table.add("fish_mask / bitfit", f"{fish.trainable:,} / {bitfit.trainable:,}", median(times["fish_mask"]) * 1e3,
+              median(times["bitfit"]) * 1e3, ratio, dev, len(times["bitfit"]))
+    return ratio
 
 
 def gate_zero_ratio(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner: int, table: Table) -> float:
@@ -131,15 +145,19 @@ def run(opts: Options) -> Report:
     steps = Table(f"Training step, petlsearch / peft ({where})",
                   ["method", "trainable (no head)", "petlsearch ms", "peft ms", "ratio (median)", "+-", "rounds"])
     ratios = step_ratios(base, data, rounds, inner, steps)
+    sparse = Table(f"Sparse training step: FISH mask / BitFit ({where})",
+                   ["methods", "trainable (no head)", "FISH ms", "BitFit ms", "ratio (median)", "+-", "rounds"])
+    fish_ratio = sparse_ratio(base, task, data, rounds, inner, sparse)
     gates = Table(f"Inference forward with every default-space candidate at gate 0 / bare model ({where})",
                   ["gate", "modules", "gated ms", "bare ms", "ratio (median)", "+-"])
     gate_ratio = gate_zero_ratio(base, data, rounds, inner, gates)
     engine = Table(f"Engine work per trial without training ({task.model_name}, default plugins, budget 0.1%)",
                    ["part", "median s", "+-", "trials"])
     per_trial = trial_overhead(task, opts.pick(3, 10, opts.trials), engine)
-    report.tables += [steps, gates, engine]
+    report.tables += [steps, sparse, gates, engine]
     report.targets += [Target("LoRA training step, petlsearch / peft", ratios["lora"], 1.05, unit="x"),
                        Target("IA3 training step, petlsearch / peft", ratios["ia3"], 1.05, unit="x"),
+                       Target("FISH mask training step / BitFit's", fish_ratio, 1.3, unit="x"),
                        Target("forward at gate 0 / bare model", gate_ratio, 1.02, unit="x"),
                        Target("engine overhead per trial", per_trial, 0.5, "<", " s")]
     report.notes += ["Ratios are medians of per-round ratios (A and B run alternately in one process); "
@@ -148,5 +166,5 @@ def run(opts: Options) -> Report:
                      "so their ratio is the cost of the supernet, not an overhead target."]
     if opts.quick:
         report.notes.append("Quick mode: a tiny random BERT and few rounds; the figures are not MiniLM's.")
-    report.data = {"step_ratios": ratios, "gate_zero_ratio": gate_ratio, "per_trial_s": per_trial}
+    report.data = {"step_ratios": ratios, "fish_bitfit_ratio": fish_ratio, "gate_zero_ratio": gate_ratio, "per_trial_s": per_trial}
     return report

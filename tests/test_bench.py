@@ -133,6 +133,8 @@ def test_cli_options(tmp_path: Path) -> None:
     assert parse([])[1] == list(BENCHMARKS)
     with pytest.raises(SystemExit):
         parse(["--only", "nonsense"])
-    report = Report("demo", "Demo", "d", True, targets=[Target("fast", 2.0, 1.0)])
-    path = summary([report], Options(quick=True, out=tmp_path))
-    assert "| demo | fast | 2 | <= 1 | FAIL |" in path.read_text()
+    # the summary gathers every report in the folder: one written earlier, one now
+    Report("scale", "Scale", "d", True, targets=[Target("fast", 2.0, 1.0)]).write(tmp_path)
+    Report("memory", "Memory", "d", True, targets=[Target("small", 0.5, 1.0)]).write(tmp_path)
+    text = summary(Options(quick=True, out=tmp_path)).read_text()
+    assert "| scale | fast | 2 | <= 1 | FAIL |" in text and "| memory | small | 0.5 | <= 1 | pass |" in text
