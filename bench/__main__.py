@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import RESULTS, Options, Report, Table
 
 log = logging.getLogger("bench")
-BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "vision")
+BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "pruning", "vision")
 CHEAP = ("overhead", "scale", "memory")
 
 

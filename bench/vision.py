@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bench import methods as M
-from bench.common import Options, Report, Table
+from bench.common import Options, Report, RunLog, Table
 
 log = logging.getLogger(__name__)
 NAME = "vision"
@@ -42,7 +42,7 @@ def train_eval(task: Any, prep: M.Prepared, cfg: Any) -> dict[str, Any]:
             "step_s": result.step_seconds if result else 0.0, "val": result.val["accuracy"] if result else float("nan")}
 
 
-def methods_table(task: Any, steps: int, seeds: int, batch: int) -> tuple[Table, dict[str, list]]:
+def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog) -> tuple[Table, dict[str, list]]:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
 
@@ -52,7 +52,10 @@ def methods_table(task: Any, steps: int, seeds: int, batch: int) -> tuple[Table,
         lr = FULL_LR if label == "full fine-tuning" else PETL_LR
         for seed in range(seeds):
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
-            runs.setdefault(label, []).append(train_eval(task, setup(task.make_model()), cfg))
+            key = RunLog.key(method=label, images=len(task.splits.y_train), **cfg.to_dict())
+            if journal.get(key) is None:
+                journal.put(key, train_eval(task, setup(task.make_model()), cfg))
+            runs.setdefault(label, []).append(journal.get(key))
     full = statistics.median(r["step_s"] for r in runs["full fine-tuning"])
     table = Table(f"EfficientNet-Lite0 on Fashion-MNIST ({len(task.splits.y_train)} training images, {steps} steps, "
                   f"{seeds} seed(s))",
@@ -121,8 +124,9 @@ def run(opts: Options) -> Report:
         report.skipped = str(exc)
         log.warning("vision: skipped: %s", exc)
         return report
-    steps, seeds = opts.pick(2, 300, opts.steps), opts.pick(1, 3, opts.seeds)
-    table, runs = methods_table(task, steps, seeds, opts.pick(16, 32))
+    steps, seeds = opts.pick(2, 150, opts.steps), opts.pick(1, 3, opts.seeds)
+    journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
+    table, runs = methods_table(task, steps, seeds, opts.pick(16, 32), journal)
     report.tables.append(table)
     report.data["runs"] = runs
     if "tip_adapter" in list_plugins():

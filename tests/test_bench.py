@@ -86,6 +86,17 @@ def test_search_quick(tmp_path: Path) -> None:
     assert report.data["hand_made"]["0.1%"]["params"] <= 0.001 * backbone + 1
 
 
+@pytest.mark.ray
+def test_pruning_quick(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    report = run_one("pruning", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    runs = report.data["runs"]
+    assert set(runs) == {"fifo", "asha"} and runs["fifo"]["pruned"] == 0
+    assert all(r["trials"] == 4 and r["seconds"] > 0 for r in runs.values())
+    assert runs["asha"]["steps"] <= runs["fifo"]["steps"] == 4 * 4
+
+
 def test_vision_quick(tmp_path: Path) -> None:
     report = run_one("vision", Options(quick=True, out=tmp_path))
     _check_written(report, tmp_path)

@@ -47,8 +47,9 @@ class RayTuneSearch(Strategy):
     address: an existing cluster ("auto", "ray://head:10001", "head:6379"); None starts a local Ray.
     num_cpus / num_gpus: size of the local Ray (default: this machine). cpus_per_trial / gpus_per_trial:
     each trial's share. max_concurrent: trials at once (default: as many as the resources allow).
-    max_failures: retries of a trial that raises or dies. grace_period / reduction_factor: ASHA (steps;
-    default grace: the fidelity's eval_every). objectives, startup_trials, group_by, buckets, infeasible:
+    max_failures: retries of a trial that raises or dies. scheduler: 'asha' (stop weak trials early)
+    or 'fifo' (train every trial to the end). grace_period / reduction_factor: ASHA (steps; default
+    grace: the fidelity's eval_every). objectives, startup_trials, group_by, buckets, infeasible:
     as for the optuna strategy (a Pareto search uses NSGA-II and no early stopping).
     """
 
@@ -56,7 +57,8 @@ class RayTuneSearch(Strategy):
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
                  cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
-                 max_failures: int = 2, grace_period: int | None = None, reduction_factor: int = 3,
+                 max_failures: int = 2, scheduler: str = "asha", grace_period: int | None = None,
+                 reduction_factor: int = 3,
                  objectives: tuple[str, ...] | list[str] | str = ("score",), startup_trials: int | None = None,
                  group_by: str = "auto", buckets: int = 4, infeasible: str = "repair") -> None:
         self.address = address
@@ -65,7 +67,10 @@ class RayTuneSearch(Strategy):
         self.cpus_per_trial = cpus_per_trial
         self.gpus_per_trial = gpus_per_trial
         self.max_concurrent = max_concurrent
+        if scheduler not in ("asha", "fifo"):
+            raise PetlsearchError(f"ray: unknown scheduler {scheduler!r}; valid: 'asha', 'fifo'")
         self.max_failures = max_failures
+        self.scheduler = scheduler
         self.grace_period = grace_period
         self.reduction_factor = reduction_factor
         self.objectives = objectives
@@ -144,8 +149,9 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
-                                      reduction_factor=self.reduction_factor)
+            scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
+                                       reduction_factor=self.reduction_factor)
+                         if self.scheduler == "asha" else FIFOScheduler())
             metric, mode = "score", "max"
         else:  # ASHA stops on one metric only; a Pareto search trains every trial to the end
             sampler = optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=max(4, startup))

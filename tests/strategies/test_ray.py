@@ -119,3 +119,11 @@ def test_interrupted_search_is_restored_without_rerunning_finished_trials(tmp_pa
     assert sorted(r.number for r in result.history) == [0, 1, 2]
     assert all(r.status == "complete" for r in result.history)
     assert calls_in(calls) == ["0", "1", "2", "3"]  # trial 0 kept, trial 1 rerun, trial 2 new
+
+
+def test_unknown_scheduler_is_a_clear_error() -> None:
+    from petlsearch.errors import PetlsearchError
+    from petlsearch.strategies.base import get_strategy
+
+    with pytest.raises(PetlsearchError, match="unknown scheduler 'hyperband'; valid: 'asha', 'fifo'"):
+        get_strategy("ray", scheduler="hyperband")
