@@ -94,7 +94,8 @@ def full_ft(task: Any, final: Any) -> dict[str, Any]:
     cfg = replace(final, lr=5e-5)
     result = train(prep.model, task, prep.groups(cfg.lr, final.head_lr), cfg)
     test = evaluate(prep.model, task, "test")["accuracy"]
-    return {"params": prep.trainable, "val": result.val["accuracy"], "test": test, "seconds": result.seconds}
+    return {"params": prep.trainable, "val": result.val["accuracy"], "test": test, "seconds": result.seconds,
+            "step_s": result.step_seconds}
 
 
 def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any, final: Any,
@@ -108,7 +109,7 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
     return {"strategy": strategy, "budget": budget, "params": run.structure.result["trainable_params"],
             "val": run.final.score, "test": run.final.test["accuracy"], "search_s": run.search.seconds,
             "final_s": run.final.seconds, "cost": run.search.seconds / max(run.final.seconds, 1e-9),
-            "placements": len(run.structure.placements)}
+            "placements": len(run.structure.placements), "search_steps": options.get("steps", trials * fidelity.steps)}
 
 
 def run(opts: Options) -> Report:
@@ -187,6 +188,11 @@ def targets(rows: list[dict[str, Any]], hand: dict[str, Any], full: dict[str, An
     out.append(Target("s3pet at 0.1% / full fine-tuning (test accuracy)", 100 * test("0.1%", "s3pet") / full["test"],
                       99.0, ">=", "%"))
     costs = [r["cost"] for r in rows if r["strategy"] == "s3pet"]
+    # the whole search time over its supernet steps: an upper bound of a step (evaluations included)
+    steps = [r["search_s"] / r["search_steps"] for r in rows if r["strategy"] == "s3pet" and r.get("search_steps")]
+    if steps and full.get("step_s"):
+        out.append(Target("s3pet supernet step (search time / steps) / full fine-tuning step",
+                          statistics.median(steps) / full["step_s"], 2.5, "<=", "x"))
     out.append(Target("s3pet search cost, x one final run (median)", statistics.median(costs) if costs else
                       float("nan"), 3.0, "<=", "x"))
     out.append(Target("optuna - random test accuracy at 0.1% (points)",
