@@ -34,13 +34,17 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     p.add_argument("--repeats", type=int, help="interleaved timing rounds (overhead)")
     p.add_argument("--trials", type=int, help="trials per search (search), trials timed (overhead)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, else torch's default)")
+    p.add_argument("--reverse", action="store_true",
+                   help="runs in reverse order (zoo): a second process started with it shares the work through "
+                        "the run log in results/raw/")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     names = [m for n in names for m in (CHEAP if n == "cheap" else (n,))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials, args.threads), names
+    return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials, args.threads,
+                   args.reverse), names
 
 
 def run_one(name: str, opts: Options) -> Report:

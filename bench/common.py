@@ -37,6 +37,7 @@ class Options:
     repeats: int | None = None  # timing rounds (overhead)
     trials: int | None = None  # trials per search (search)
     threads: int | None = None  # torch threads (None: 1 in quick mode, torch's default otherwise)
+    reverse: bool = False  # runs in reverse order: a second process shares the work through the run log
 
     def pick(self, quick: Any, full: Any, override: Any = None) -> Any:
         """`override` when given, else the quick or the full default."""
@@ -268,6 +269,9 @@ class RunLog:
         return json.dumps(parts, sort_keys=True, default=str)
 
     def get(self, key: str) -> Any:
+        """The finished run `key`, also when another process (e.g. `--reverse`) finished it since."""
+        if key not in self.done and self.path.exists():
+            self.__init__(self.path)  # type: ignore[misc]
         return self.done.get(key)
 
     def put(self, key: str, value: Any) -> None:

@@ -93,7 +93,8 @@ def run(opts: Options) -> Report:
     backbone = ModelGraph.from_model(task.make_model()).num_parameters()
     runs: dict[str, list[dict[str, Any]]] = {}
     failed: dict[str, str] = {}
-    for label, setup in method_table(opts.quick).items():
+    methods = list(method_table(opts.quick).items())
+    for label, setup in reversed(methods) if opts.reverse else methods:
         lr = learning_rate(label)
         for seed in range(seeds):
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu",
@@ -109,6 +110,7 @@ def run(opts: Options) -> Report:
                 runs.pop(label, None)
                 log.warning("zoo: %s failed: %s", label, failed[label])
                 break
+    runs = {label: runs[label] for label, _ in methods if label in runs}  # the table's order either way
     table = summarise(runs, backbone, task, steps, seeds)
     report.tables.append(table)
     if not opts.quick:
