@@ -139,6 +139,7 @@ class LadderSide(PETLModule):
         last = self.specs[-1].path
         host = model.get_submodule(last.rsplit(".", 1)[0] if "." in last else "")  # not the block list
         reference = next(self.parameters())
+        self._signatures = []  # a re-install (after uninstall) starts afresh
         for j, (spec, half) in enumerate(zip(self.specs, self.halves)):
             blocks = list(model.get_submodule(spec.path))
             if not len(half.blocks):
