@@ -256,13 +256,17 @@ class RunLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, Any] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut off by a kill
-                    continue
-                self.done[rec["key"]] = rec["value"]
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by a kill
+                continue
+            self.done[rec["key"]] = rec["value"]
 
     @staticmethod
     def key(**parts: Any) -> str:
@@ -270,9 +274,17 @@ class RunLog:
 
     def get(self, key: str) -> Any:
         """The finished run `key`, also when another process (e.g. `--reverse`) finished it since."""
-        if key not in self.done and self.path.exists():
-            self.__init__(self.path)  # type: ignore[misc]
+        if key not in self.done:
+            self._load()
         return self.done.get(key)
+
+    def run(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The finished run `key`, or `compute()` now, recorded before it is returned."""
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
+        return value
 
     def put(self, key: str, value: Any) -> None:
         self.done[key] = value

@@ -11,13 +11,11 @@ part of the search time.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from bench.common import Options, Report, Table, Target
 from bench.tasks import minilm_task, tiny_task
 
-log = logging.getLogger(__name__)
 NAME = "pruning"
 TITLE = "Pruning: Ray Tune with ASHA vs without, 32 trials on 2 CPUs"
 PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")

@@ -74,15 +74,16 @@ def hand_made(task: Any, space: Any, budget: str, final: Any, designs: Any, jour
         if placements is None:
             continue
         key = RunLog.key(hand_made=label, budget=budget, **final.to_dict())
-        row = journal.get(key)
-        if row is None:
-            out = run_trial(task, placements, space.plugins, final, test=True)
-            row = {"design": label, "params": out.params, "val": out.score, "test": out.test["accuracy"]}
-            journal.put(key, row)
+        row = journal.run(key, lambda: _hand_made_row(label, run_trial(task, placements, space.plugins, final,
+                                                                        test=True)))
         log.info("search: hand-made %s at %s: %s", label, budget, row)
         if best is None or row["val"] > best["val"]:
             best = row
     return best
+
+
+def _hand_made_row(label: str, out: Any) -> dict[str, Any]:
+    return {"design": label, "params": out.params, "val": out.score, "test": out.test["accuracy"]}
 
 
 def full_ft(task: Any, final: Any) -> dict[str, Any]:
@@ -135,14 +136,10 @@ def run(opts: Options) -> Report:
             for seed in range(seeds):
                 key = RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed,
                                  fidelity=fidelity.to_dict(), final=final.to_dict())
-                if journal.get(key) is None:
-                    journal.put(key, one_search(task, budget, strategy, trials, fidelity, final, seed))
-                rows.append(journal.get(key))
+                rows.append(journal.run(key, lambda: one_search(task, budget, strategy, trials, fidelity, final,
+                                                                seed)))
     hand = {b: hand_made(task, space, b, final, designs, journal) for b in budgets}
-    key = RunLog.key(full_finetuning=True, **final.to_dict())
-    if journal.get(key) is None:
-        journal.put(key, full_ft(task, final))
-    full = journal.get(key)
+    full = journal.run(RunLog.key(full_finetuning=True, **final.to_dict()), lambda: full_ft(task, final))
     table = Table(f"{task.model_name} on {task.name}: {trials} trials x {per_trial} steps per search, final "
                   f"{final.steps} steps, {seeds} seed(s)",
                   ["budget", "method", "trainable", "test acc", "+- (std)", "val acc", "search cost (x final run)"])

@@ -53,9 +53,8 @@ def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog
         for seed in range(seeds):
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
             key = RunLog.key(method=label, images=len(task.splits.y_train), **cfg.to_dict())
-            if journal.get(key) is None:
-                journal.put(key, train_eval(task, setup(task.make_model()), cfg))
-            runs.setdefault(label, []).append(journal.get(key))
+            runs.setdefault(label, []).append(
+                journal.run(key, lambda: train_eval(task, setup(task.make_model()), cfg)))
     full = statistics.median(r["step_s"] for r in runs["full fine-tuning"])
     table = Table(f"EfficientNet-Lite0 on Fashion-MNIST ({len(task.splits.y_train)} training images, {steps} steps, "
                   f"{seeds} seed(s))",

@@ -101,10 +101,9 @@ def run(opts: Options) -> Report:
                               max_eval_examples=EVAL_EXAMPLES)
             key = RunLog.key(method=label, task=task.name, model=task.model_name, **cfg.to_dict())
             try:
-                if journal.get(key) is None:
-                    journal.put(key, train_method(task, setup, cfg, lr, with_memory=seed == 0))
-                    log.info("zoo: %s seed %d: %s", label, seed, journal.get(key))
-                runs.setdefault(label, []).append(journal.get(key))
+                row = journal.run(key, lambda: train_method(task, setup, cfg, lr, with_memory=seed == 0))
+                log.info("zoo: %s seed %d: %s", label, seed, row)
+                runs.setdefault(label, []).append(row)
             except Exception as exc:  # a plugin without sites on BERT, or one that fails, is listed
                 failed[label] = f"{type(exc).__name__}: {str(exc)[:100]}"
                 runs.pop(label, None)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import BENCHMARKS, parse, run_one, summary
-from bench.common import Options, Report, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread
+from bench.common import Options, Report, RunLog, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread
 
 
 def _check_written(report: Report, out: Path) -> dict:
@@ -136,6 +136,18 @@ def test_table_and_target() -> None:
     assert Target("x", 1.0, 1.05).passed and not Target("x", 1.1, 1.05).passed
     assert not Target("x", float("nan"), 1.0).passed and Target("x", 0.4, 0.5, "<").passed
     assert fmt(float("nan")) == "n/a" and fmt(1e-5) == "1.00e-05"
+
+
+def test_run_log_resumes_and_shares_finished_runs(tmp_path: Path) -> None:
+    path = tmp_path / "raw" / "x-runs.jsonl"
+    first, second = RunLog(path), RunLog(path)  # two processes on one log (--reverse)
+    calls = []
+    key = RunLog.key(method="lora", seed=0)
+    assert first.run(key, lambda: calls.append(1) or {"test": 0.7}) == {"test": 0.7}
+    assert second.run(key, lambda: calls.append(2) or {"test": 0.0}) == {"test": 0.7}  # finished elsewhere
+    with path.open("a") as f:
+        f.write('{"key": "cut off by a ki')  # a kill mid-write
+    assert RunLog(path).get(key) == {"test": 0.7} and calls == [1]
 
 
 def test_cli_options(tmp_path: Path) -> None:

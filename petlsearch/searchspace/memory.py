@@ -242,7 +242,7 @@ def _added_tokens(graph: ModelGraph, placements: list[Placement]) -> dict[str, l
             for i in range(site.layer, layers):
                 row[i] = max(row[i], n)
     return {stack: [inputs.get(stack, 0) + d for d in deep.get(stack, [0] * len(graph.layers(stack)))]
-            for stack in {*inputs, *deep}}
+            for stack in graph.stacks}
 
 
 def _level(graph: ModelGraph, site: Site) -> int:
@@ -307,7 +307,7 @@ def _activations(graph: ModelGraph, placements: list[Placement], shape: BatchSha
     added = _added_tokens(graph, placements)
     for stack, (layer, level) in starts.items():
         kv_grad = stack != "decoder" or "encoder" in starts
-        extra = added.get(stack, [0] * len(graph.layers(stack)))
+        extra = added[stack]
         out[f"{stack}.blocks"] = _stack_blocks(graph, stack, layer, level, shape, device, sdpa, kv_grad, extra)
         top = replace(shape, seq=shape.seq + (extra[-1] if extra else 0))
         out[f"{stack}.top"] = _stack_top(graph, stack, top, embed=layer < 0)
