@@ -5,7 +5,8 @@ convolutions have no bias) and LoRA on the 32 1x1 convolutions train on the same
 and seeds (images resized to 64 x 64). The head is new and trained in full by every method, so
 LoRA on the head would add nothing. Then, if the tip_adapter plugin is registered, Tip-Adapter
 few-shot (1, 4, 16 shots per class): the training-free cache alone (head zeroed), a linear probe
-trained on the shots, and the probe with the cache beside it. Skipped, saying so, when
+trained on the shots, and the probe with the cache beside it; each cache also as Tip-Adapter-F
+(its keys trained on the shots for the probe's number of steps, everything else frozen). Skipped, saying so, when
 Fashion-MNIST is not installed (`apt-get install dataset-fashion-mnist`).
 """
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 NAME = "vision"
 TITLE = "Vision: EfficientNet-Lite0 on Fashion-MNIST"
 FULL_LR, PETL_LR, HEAD_LR = 1e-3, 2e-3, 2e-3
+KEYS_LR = 1e-3  # Tip-Adapter-F's learning rate for the cache keys (the paper's)
 METHODS = {
     "full fine-tuning": lambda m: M.full_finetuning(m),
     "linear probe": lambda m: M.head_only(m),
@@ -79,34 +81,49 @@ def few_shot(task: Any, shots: int, seed: int) -> Any:
     return replace(task, splits=splits)
 
 
-def tip_adapter(task: Any, shot_list: tuple[int, ...], steps: int) -> Table:
-    """Cache alone, linear probe on the shots, probe + cache, for each number of shots."""
-    import torch
+def with_cache(model: Any, small: Any, shots: int, finetune: bool, cfg: Any) -> float:
+    """Test accuracy of a copy of `model` with a Tip-Adapter cache of `shots` per class beside its
+    head; with `finetune` (Tip-Adapter-F) the cache keys alone are then trained on the shots."""
+    import copy
 
     from petlsearch.plugins import create_plugin
-    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.runners.trainer import evaluate, train
     from petlsearch.searchspace.graph import ModelGraph
 
-    table = Table("Tip-Adapter few-shot (test accuracy)", ["shots / class", "cache alone (training-free)",
-                                                           "linear probe", "probe + cache"])
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plugin = create_plugin("tip_adapter", max_shots=shots)
+    plugin.prepare(model, small.batches("train", 64))
+    site = plugin.sites(ModelGraph.from_model(model))[0]
+    cache = plugin.attach(model, site, plugin.config(site, {"shots": shots, "finetune_keys": finetune}))
+    if finetune:
+        train(model, small, [([cache.cache_keys], KEYS_LR)], cfg)
+    return evaluate(model, small, "test")["accuracy"]
+
+
+def tip_adapter(task: Any, shot_list: tuple[int, ...], steps: int) -> Table:
+    """Cache alone and probe + cache, training-free and -F, beside the probe, for each number of shots."""
+    import torch
+
+    from petlsearch.runners.trainer import TrainConfig
+
+    table = Table("Tip-Adapter few-shot (test accuracy; -F: cache keys trained, head kept)",
+                  ["shots / class", "cache alone", "cache-F alone", "linear probe", "probe + cache",
+                   "probe + cache-F"])
     for shots in shot_list:
         small = few_shot(task, shots, 0)
         cfg = TrainConfig(steps=steps, batch_size=min(32, len(small.splits.y_train)), lr=PETL_LR, head_lr=HEAD_LR,
                           device="cpu")
-        cache_only = M.head_only(small.make_model())
+        zero_head = M.head_only(small.make_model())  # no classifier: the cache's logits alone
         with torch.no_grad():
-            for p in cache_only.head:
+            for p in zero_head.head:
                 p.zero_()
-        row = []
-        for prep, train_steps in ((cache_only, 0), (M.head_only(small.make_model()), steps)):
-            if train_steps:  # the probe first, then the cache beside it
-                row.append(train_eval(small, prep, cfg)["test"])
-            plugin = create_plugin("tip_adapter", max_shots=shots)
-            plugin.prepare(prep.model, small.batches("train", 64))
-            site = plugin.sites(ModelGraph.from_model(prep.model))[0]
-            plugin.attach(prep.model, site, {"shots": shots})
-            row.append(train_eval(small, prep, replace(cfg, steps=0))["test"])
-        table.add(shots, *row)
+        probe = M.head_only(small.make_model())
+        probe_acc = train_eval(small, probe, cfg)["test"]
+        table.add(shots, with_cache(zero_head.model, small, shots, False, cfg),
+                  with_cache(zero_head.model, small, shots, True, cfg), probe_acc,
+                  with_cache(probe.model, small, shots, False, cfg), with_cache(probe.model, small, shots, True, cfg))
     return table
 
 

@@ -124,11 +124,12 @@ def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int =
 
 
 def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig,
-          report: Callable[[int, float], bool] | None = None,
+          report: Callable[..., bool] | None = None,
           after_step: Iterable[Callable[[int], None]] = (), progress: Any = None) -> TrainResult:
     """Train `groups` ([(params, lr)]) of `model` on the task's training split.
 
-    `report(step, score)` (the task's metric on the validation split) is called at each evaluation and returns True to prune the trial;
+    `report(step, score, loss=...)` (the task's metric and loss on the validation split) is called at each
+    evaluation and returns True to prune the trial;
     `after_step` callbacks run after every optimizer step (S3PET's architecture step);
     `progress` is an optional rich Progress task handle updater `progress(advance=1)`.
     """
@@ -169,7 +170,7 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
             history.append({"step": step, "loss": statistics.fmean(losses[-cfg.eval_every:]), **val})
-            if report is not None and report(step, val[task.metric]):
+            if report is not None and report(step, val[task.metric], loss=val.get("loss")):
                 pruned = True
                 break
             if val[task.metric] > best:
@@ -182,6 +183,6 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
     val = evaluate(model, task, "val", max_examples=cfg.max_eval_examples, device=device)
     history.append({"step": step, "loss": statistics.fmean(losses[-10:]) if losses else math.nan, **val})
     if report is not None and not pruned:
-        report(step, val[task.metric])
+        report(step, val[task.metric], loss=val.get("loss"))
     return TrainResult(step, history[-1]["loss"], val, history, time.perf_counter() - start,
                        statistics.median(times) if times else 0.0, pruned, stopped)

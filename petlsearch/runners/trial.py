@@ -50,7 +50,7 @@ class TrialOutcome:
 
 
 def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
-              report: Callable[[int, float], bool] | None = None, test: bool = False,
+              report: Callable[..., bool] | None = None, test: bool = False,
               weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
     """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
     start = time.perf_counter()

@@ -145,7 +145,7 @@ class SearchContext:
         return n
 
     def evaluate(self, number: int, placements: Sequence[Placement],
-                 report: Callable[[int, float], bool] | None = None) -> TrialRecord:
+                 report: Callable[..., bool] | None = None) -> TrialRecord:
         """Train and score one structure; never raises for a failing trial, records it instead."""
         params = self.check_fits(placements)
         plain = [asdict(p) for p in placements]
@@ -154,9 +154,9 @@ class SearchContext:
             self.journal.append({"number": number, "status": "running", "placements": plain, "params": params})
         seen: list[tuple[int, float]] = []
 
-        def on_report(step: int, score: float) -> bool:
+        def on_report(step: int, score: float, loss: float | None = None) -> bool:
             seen.append((step, score))
-            return bool(report(step, score)) if report is not None else False
+            return bool(report(step, score, loss=loss)) if report is not None else False
 
         start = time.perf_counter()
         try:

@@ -2,7 +2,7 @@
 (score, params) / (score, memory) Pareto search with NSGA-II (Deb et al., 2002) or multi-objective TPE.
 
 One trial is one structure under the budget (see strategies.encoding), trained at reduced fidelity;
-its intermediate validation scores go to a pruner (median or Hyperband) that stops weak trials early.
+its intermediate validation losses go to a pruner (median or Hyperband) that stops weak trials early.
 The study lives in a journal file (or sqlite / an RDB URL) inside the run folder: it is the source of
 truth on resume. A resumed search counts the trials that ended (complete, pruned or failed), runs
 only the remainder of `n_trials`, never reruns a finished trial, and reruns a trial that a crash cut
@@ -13,6 +13,7 @@ pictures are the same as for the other strategies.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -183,15 +184,19 @@ def _objectives(spec: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
     return names
 
 
-def _reporter(trial: optuna.Trial) -> Callable[[int, float], bool]:
-    """The trainer's report(step, score) -> prune? callback, fed to the trial's pruner."""
+def _reporter(trial: optuna.Trial) -> Callable[..., bool]:
+    """The trainer's report(step, score, loss) -> prune? callback, fed to the trial's pruner.
+
+    The pruner compares the negated validation loss when there is one: early in training the
+    accuracy of a small validation sample ties (every weak trial predicts the majority class),
+    so it cannot rank trials, while the loss already does."""
     seen: set[int] = set()
 
-    def report(step: int, score: float) -> bool:
+    def report(step: int, score: float, loss: float | None = None) -> bool:
         if step in seen:  # an early stop re-reports the last step
             return False
         seen.add(step)
-        trial.report(score, step)
+        trial.report(-loss if loss is not None and math.isfinite(loss) else score, step)
         return trial.should_prune()
 
     return report
@@ -252,7 +257,7 @@ def _recover(optuna: Any, study: optuna.Study, ctx: SearchContext, objectives: t
             continue
         log.info("optuna: trial %d finished before the crash; restoring it from trials.jsonl", t.number)
         ending = _ending(optuna, record, objectives, ctx)
-        steps = dict(record.intermediate) if len(objectives) == 1 else None
+        steps = dict(t.intermediate_values) if len(objectives) == 1 else None
         study.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions,
                                                   user_attrs={"record": record.to_dict()},
                                                   intermediate_values=steps, **ending))

@@ -1,6 +1,6 @@
 """The Optuna trial on Ray Tune: OptunaSearch (TPE, or NSGA-II for a Pareto search) proposes the
 structures and ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", MLSys 2020)
-stops weak trials from their intermediate validation scores.
+stops weak trials from their intermediate validation losses.
 
 Runs on a local Ray sized to this machine by default, or on an existing cluster (`address`, see
 docs/ray_cluster.md). A trial gets `cpus_per_trial` / `gpus_per_trial`; a trial that raises or whose
@@ -149,19 +149,19 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            scheduler = (ASHAScheduler(time_attr="step", max_t=steps, grace_period=grace,
-                                       reduction_factor=self.reduction_factor)
+            # ASHA ranks trials by validation loss (see _trainable), the searcher by the score
+            scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="min", max_t=steps,
+                                       grace_period=grace, reduction_factor=self.reduction_factor)
                          if self.scheduler == "asha" else FIFOScheduler())
-            metric, mode = "score", "max"
         else:  # ASHA stops on one metric only; a Pareto search trains every trial to the end
             sampler = optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=max(4, startup))
-            scheduler, metric, mode = FIFOScheduler(), None, None
+            scheduler = FIFOScheduler()
         memory = ctx.budget.memory is not None or "memory" in objectives
         searcher = RayOptuna(space=_Proposer(enc, ctx.shape if memory else None),
                              metric=list(objectives) if len(objectives) > 1 else "score",
                              mode=modes if len(objectives) > 1 else "max", sampler=sampler)
         budget_s = max(1.0, ctx.timeout - (time.monotonic() - ctx._start)) if ctx.timeout else None
-        return tune.TuneConfig(metric=metric, mode=mode, search_alg=searcher, scheduler=scheduler,
+        return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                num_samples=ctx.n_trials, max_concurrent_trials=self.max_concurrent,
                                time_budget_s=budget_s, reuse_actors=True)
 
@@ -229,23 +229,29 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int
     torch.set_num_threads(threads)
     base = {"params": config["params"], "memory": config.get("memory")}
     if config["placements"] is None:  # rejected on the driver: nothing to train
-        tune.report({"score": math.nan, "step": 0, "rejected": 1, **base})
+        tune.report({"score": math.nan, "signal": math.nan, "step": 0, "rejected": 1, **base})
         return
     placements = [Placement(**p) for p in config["placements"]]
 
-    def report(step: int, score: float) -> bool:
+    def report(step: int, score: float, loss: float | None = None) -> bool:
         if step < steps:  # the last step is reported below, with the outcome (ASHA stops at max_t)
-            tune.report({"score": score, "step": step, **base})
+            tune.report({"score": score, "signal": _signal(score, loss), "step": step, **base})
         return False  # ASHA stops the trial itself
 
     outcome = objective(placements, report)
     done = getattr(getattr(outcome, "train", None), "steps", steps)  # fewer when stopped early
-    final = {"score": outcome.score, "step": done,
+    final = {"score": outcome.score, "signal": _signal(outcome.score, outcome.metrics.get("loss")), "step": done,
              "final": 1, "pruned": int(bool(outcome.pruned)), **base,
              **{f"val_{k}": v for k, v in outcome.metrics.items()}}
     if not math.isfinite(outcome.score):
         final["error"] = f"score is {outcome.score}"
     tune.report(final)
+
+
+def _signal(score: float, loss: float | None) -> float:
+    """What ASHA ranks trials by (lower is better): the validation loss, since early on the accuracy of
+    a small validation sample ties (weak trials all predict the majority class) and cannot rank them."""
+    return loss if loss is not None and math.isfinite(loss) else -score
 
 
 def _record(res: Any, status: str) -> TrialRecord | None:

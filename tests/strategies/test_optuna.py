@@ -134,6 +134,24 @@ def test_pruner_stops_weak_trials():
     assert all(len(r.intermediate) < 5 for r in pruned)
 
 
+def test_pruner_ranks_trials_by_validation_loss_when_accuracy_ties():
+    # every trial's accuracy is stuck at the majority class; only the loss tells them apart
+    space = tiny_space()
+
+    def objective(placements, report):
+        loss = 1.0 - quality(space, placements)
+        for step in range(1, 6):
+            if report(step, 0.5, loss=loss + 1.0 / step):
+                return Outcome(0.5, pruned=True)
+        return Outcome(0.5)
+
+    result = OptunaSearch(pruner="median", startup_trials=2).run(make_ctx(space, objective, n_trials=12))
+    pruned = [r for r in result.history if r.status == "pruned"]
+    kept = [r for r in result.history if r.status == "complete"]
+    assert pruned and kept
+    assert min(r.params for r in kept) > min(r.params for r in pruned)  # the lossier (smaller) ones stop
+
+
 def test_rejected_structures_are_never_trained():
     # 4 candidates: LoRA on attn.q costs 64 per rank here, so most LoRA proposals exceed 300
     space = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora", "bitfit"], roles=("attn.q",))
