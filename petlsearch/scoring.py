@@ -155,12 +155,17 @@ def _gradients(model: nn.Module, chosen: dict[str, nn.Parameter], units: Iterabl
     device = _device(model)
     unique = list({id(p): p for p in chosen.values()}.values())  # tied weights once
     position = {id(p): i for i, p in enumerate(unique)}
-    with _requiring_grad(unique):
-        for unit in units:
-            unit = _device_batch(unit, device)
-            loss = loss_fn(model(**unit), unit)
-            grads = torch.autograd.grad(loss, unique, allow_unused=True)
-            yield [grads[position[id(p)]] for p in chosen.values()]
+    training = model.training
+    model.eval()  # scores of the model's deterministic function: no dropout noise, reproducible masks
+    try:
+        with _requiring_grad(unique):
+            for unit in units:
+                unit = _device_batch(unit, device)
+                loss = loss_fn(model(**unit), unit)
+                grads = torch.autograd.grad(loss, unique, allow_unused=True)
+                yield [grads[position[id(p)]] for p in chosen.values()]
+    finally:
+        model.train(training)
 
 
 # ---------------------------------------------------------------------------- parameter scores

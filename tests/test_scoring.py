@@ -117,3 +117,16 @@ def test_split_samples_keeps_non_batch_values():
     batch = {"x": torch.zeros(3, 2), "flag": torch.tensor(1.0), "other": "text"}
     parts = list(scoring.split_samples(batch))
     assert len(parts) == 3 and parts[0]["x"].shape == (1, 2) and parts[0]["other"] == "text"
+
+
+def test_scores_ignore_dropout_and_keep_the_models_mode():
+    from petlsearch.plugins import _tiny as tiny
+
+    model = tiny.bert()  # hidden and attention dropout 0.1
+    model.train()
+    batch = {**tiny.inputs("bert"), "labels": torch.tensor([0, 1])}
+    name = next(n for n, _ in model.named_parameters() if n.endswith("query.weight"))
+    first = scoring.fisher_scores(model, [batch], params=[name])[name]
+    torch.manual_seed(123)  # another dropout draw would change train-mode gradients
+    second = scoring.fisher_scores(model, [batch], params=[name])[name]
+    assert torch.equal(first, second) and model.training

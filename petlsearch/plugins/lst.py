@@ -99,7 +99,10 @@ class SideStack(nn.Module):
 
     def ladder(self, k: int, side: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         mu = torch.sigmoid(self.alphas[k] / TEMPERATURE)
-        return mu * side + (1 - mu) * self.downs[k](hidden.detach())
+        down = self.downs[k](hidden.detach())
+        # = mu * side + (1 - mu) * down, written so that backward keeps one side-width tensor
+        # (side - down, for mu's gradient) instead of both terms
+        return down + mu * (side - down)
 
 
 class LadderSide(PETLModule):
@@ -416,7 +419,7 @@ class LadderSideTuning(Plugin):
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         """Side blocks with trainable weights at width / r; each ladder keeps the backbone state it
-        reads (width h) and its two mixed terms; a side encoder's final norm its input and
+        reads (width h) and the difference it mixes; a side encoder's final norm its input and
         statistics; the up-projection keeps its input."""
         widths = side_widths(site, cfg["reduction"])
         hs, tokens = widths["hidden"], shape.tokens
@@ -428,5 +431,5 @@ class LadderSideTuning(Plugin):
                 total += len(kept) * profile.elements(tokens, shape.seq, trainable=True)
                 if spec.norm_path is not None:
                     total += tokens * (hs + profile.norm_stats)
-            total += tokens * (len(kept) + 1) * site.in_features + tokens * len(kept) * 2 * hs
+            total += tokens * (len(kept) + 1) * site.in_features + tokens * len(kept) * hs
         return int(total)

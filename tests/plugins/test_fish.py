@@ -54,13 +54,55 @@ def test_update_touches_only_masked_entries_and_trains_only_values():
     with torch.no_grad():
         m.values.copy_(torch.arange(1.0, 8.0))
     target = model.get_submodule(site.path)
-    original = target.parametrizations.weight.original
-    diff = (target.weight - original).flatten()
+    diff = m.delta_weight().flatten()
     assert torch.equal(diff.nonzero().flatten(), m.indices)
     assert torch.allclose(diff[m.indices], m.values)
+    x = torch.randn(3, target.in_features)
+    expected = torch.nn.functional.linear(x, target.weight + m.delta_weight(), target.bias)
+    assert torch.allclose(target(x), expected, atol=1e-6)
     model(**batch).loss.backward()
     assert m.values.grad is not None and m.values.grad.shape == (7,)
-    assert original.grad is None  # the frozen weight gets no dense gradient
+    assert target.weight.grad is None  # the frozen weight gets no dense gradient
+
+
+@pytest.mark.parametrize("layout", ["columns", "rows"])
+def test_sparse_linear_gradients_equal_the_dense_update(layout: str):
+    from petlsearch.plugins.fish import SparseLinear, sparse_block
+
+    torch.manual_seed(0)
+    out_f, in_f = 12, 10
+    weight, bias = torch.randn(out_f, in_f), torch.randn(out_f, requires_grad=True)
+    # entries in 2 columns of every row (a column block is smaller) or in 2 rows (a row block is)
+    grid = torch.arange(out_f * in_f).view(out_f, in_f)
+    indices = (grid[:, [3, 7]] if layout == "columns" else grid[[2, 9], :]).flatten().sort().values
+    by_rows, block, position = sparse_block(indices, (out_f, in_f))
+    assert by_rows == (layout == "rows") and block.numel() == 2
+    values = torch.randn(indices.numel(), requires_grad=True)
+    x = torch.randn(4, 5, in_f, requires_grad=True)
+    y = SparseLinear.apply(x, weight, bias, values, indices, block, position, by_rows)
+    dense = weight.clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x, dense + torch.zeros(out_f * in_f).index_add(0, indices, values).view(out_f, in_f), bias)
+    assert torch.allclose(y, y_ref, atol=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, values, bias), g)
+    refs = torch.autograd.grad(y_ref, (x, values, bias), g)
+    for got, ref in zip(grads, refs):
+        assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_loading_another_mask_after_install_trains_the_loaded_entries():
+    model, graph, plugin, batch = _prepared()
+    site = _site(plugin, graph, "attn.q")
+    m = plugin.attach(model, site, {"k": 9})
+    target = model.get_submodule(site.path)
+    loaded = torch.randperm(target.weight.numel())[:9].sort().values
+    m.load_state_dict({"indices": loaded, "values": torch.randn(9)})
+    x = torch.randn(2, 3, target.in_features)
+    target(x).pow(2).sum().backward()
+    dense = (target.weight.detach().flatten().index_add(0, loaded, m.values.detach())).view_as(target.weight)
+    dense.requires_grad_(True)
+    torch.nn.functional.linear(x, dense, target.bias).pow(2).sum().backward()
+    assert torch.allclose(m.values.grad, dense.grad.flatten()[loaded], atol=1e-5)
 
 
 def test_build_without_prepare_is_a_clear_error():
