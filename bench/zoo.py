@@ -4,8 +4,8 @@ Each plugin at its default size (all of its sites, default config), full fine-tu
 alone, and Hugging Face peft's LoRA, IA3 (on the same modules as ours) and prompt tuning (20
 tokens, as ours) train on the same splits, for the same steps, with the same seeds (batch 16,
 AdamW, linear decay; learning rate 1e-3 for the PETL modules, 3e-2 for methods that train
-prompt or query tokens (their papers use far larger rates than for weights), 3e-3 for LST's side
-network (its paper's rate), 1e-2 for the new head, 5e-5 for full fine-tuning; validation on 512 examples, test on the whole split). Reported:
+prompt tokens (their papers use far larger rates than for weights), 1e-2 for the new head, 5e-5
+for full fine-tuning; validation on 512 examples, test on the whole split). Reported:
 trainable parameters (% of the backbone, head excluded), test accuracy (mean and standard
 deviation over seeds), the median step time and the measured training memory (one step,
 petlsearch.searchspace.memory.measure), both as ratios to full fine-tuning's. Expensive: the full
@@ -31,11 +31,8 @@ NAME = "zoo"
 TITLE = "Zoo: every plugin trained on MiniLM / Rotten Tomatoes"
 # 1e-2 for every module (the CLI's default, tuned for a few small placements) made adapters, BitFit,
 # FISH and DSEE at every site collapse to the majority class in 100 steps; 1e-3 does not
-PETL_LR, PROMPT_LR, SIDE_LR, FULL_LR, HEAD_LR = 1e-3, 3e-2, 3e-3, 5e-5, 1e-2
-# trained token embeddings (prompts, VQT's query tokens) need far larger rates than weight updates;
-# a side network trains at LST's own rate (3e-3 in Sung et al.'s scripts, 10x their adapters')
-PROMPT_KINDS = {"tokens", "query"}
-SIDE_KINDS = {"side"}
+PETL_LR, PROMPT_LR, FULL_LR, HEAD_LR = 1e-3, 3e-2, 5e-5, 1e-2
+PROMPT_KINDS = {"tokens"}
 EVAL_EXAMPLES = 512  # validation only; the test split is always whole
 QUICK_PLUGINS = ("lora", "bitfit")
 
@@ -62,10 +59,9 @@ def learning_rate(label: str) -> float:
     if label == "full fine-tuning":
         return FULL_LR
     name = label.removeprefix("peft ")
-    kinds = set(create_plugin(name).kinds) if name in list_plugins() else set()
-    if PROMPT_KINDS & kinds:
+    if name in list_plugins() and PROMPT_KINDS & set(create_plugin(name).kinds):
         return PROMPT_LR
-    return SIDE_LR if SIDE_KINDS & kinds else PETL_LR
+    return PETL_LR
 
 
 def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, lr: float,

@@ -7,7 +7,9 @@ T = 0.1, and side <- side_block_i(side); the first side state is down_0(embeddin
 keeps every k-th layer counted from the top (`keep_every`). Side blocks start as the backbone's own
 blocks pruned to the side width by weight magnitude (the paper's structured "network pruning"
 init: the hidden, per-head and FFN dimensions with the largest L1 norms). The backbone runs without
-gradient, so backward never crosses it: that is where the memory saving comes from. The final side
+gradient, so backward never crosses it: that is where the memory saving comes from. Side blocks
+run a memory-lean attention (`_lean_attention`): width reduction does not shrink the attention
+probabilities (heads x seq^2 per layer), so they are recomputed in backward instead of kept. The final side
 state is up-projected and added to the last block's output (before the stack's final norm, which
 then normalises both); the up-projection starts at zero, so a fresh module changes nothing.
 
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.plugins._lean_attention import use_lean_attention
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
 from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.searchspace.roles import block_role
@@ -253,6 +256,7 @@ def prune_block(block: nn.Module, widths: dict[str, int]) -> nn.Module:
     """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning)."""
     side = copy.deepcopy(block)
     _strip(side)
+    use_lean_attention(side)  # its own config copy: the backbone keeps its attention
     roles = {name: block_role(name, type(m).__name__) for name, m in side.named_modules() if name}
     linears: dict[str, list[nn.Module]] = {}
     norms = []

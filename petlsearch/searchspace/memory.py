@@ -79,11 +79,12 @@ class BlockProfile:
     attn_dropout: bool = False
     hidden_dropout: bool = False
     ffn_dropout: bool = False  # dropout inside the FFN (T5)
+    lean: bool = False  # petlsearch's lean attention (LST side blocks): q, k, v, lse, a 1-byte mask
 
     def scaled(self, r: int) -> BlockProfile:
-        """The same block at 1/r of the width (same heads): an LST side block."""
+        """The same block at 1/r of the width (same heads), with lean attention: an LST side block."""
         return replace(self, hidden=max(1, self.hidden // r), inner=self.heads * max(1, self.inner // self.heads // r),
-                       ffn=max(1, self.ffn // r))
+                       ffn=max(1, self.ffn // r), lean=True)
 
     def elements(self, tokens: int, seq: int, start: int = BELOW, trainable: bool = False,
                  device: str = "cpu", sdpa: bool = True, kv_grad: bool = True) -> float:
@@ -111,13 +112,15 @@ class BlockProfile:
 
     def _core_v(self, seq: int, device: str, sdpa: bool) -> float:
         """What attention keeps when only v needs a gradient: the (dropped) probabilities, or
-        everything on the fused path."""
-        if sdpa and (device != "cpu" or not self.attn_dropout):
+        everything on the fused and lean paths."""
+        if self.lean or (sdpa and (device != "cpu" or not self.attn_dropout)):
             return self._core(seq, device, sdpa, True)
         return self.heads * seq
 
     def _core(self, seq: int, device: str, sdpa: bool, kv_grad: bool) -> float:
         """Attention per query token (keys as many as queries)."""
+        if self.lean:  # q, k, v, the log-sum-exp per head, and a 1-byte dropout mask
+            return 3 * self.inner + self.heads + (0.25 * self.heads * seq if self.attn_dropout else 0.0)
         if sdpa and (device != "cpu" or not self.attn_dropout):  # fused kernel: q, k, v, out, lse
             return 4 * self.inner + self.heads
         mask = 1.0 if device == "cpu" else 0.25
