@@ -11,9 +11,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from bench.common import RESULTS, Options, Report, Table
@@ -21,6 +24,7 @@ from bench.common import RESULTS, Options, Report, Table
 log = logging.getLogger("bench")
 BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "pruning", "vision")
 CHEAP = ("overhead", "scale", "memory")
+SHARED = ("zoo", "search", "vision")  # made of independent runs kept in a run log: --jobs 2 splits them
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
@@ -34,9 +38,11 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     p.add_argument("--repeats", type=int, help="interleaved timing rounds (overhead)")
     p.add_argument("--trials", type=int, help="trials per search (search), trials timed (overhead)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --quick, else torch's default)")
-    p.add_argument("--reverse", action="store_true",
-                   help="runs in reverse order (zoo): a second process started with it shares the work through "
-                        "the run log in results/raw/")
+    p.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                   help="2: the training benchmarks (zoo, search, vision) run in two 1-thread processes that "
+                        "share their runs through the run log in results/raw/ (faster than one 2-thread process)")
+    p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)  # a --jobs 2 helper's order
+    p.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs 2 helper: no report
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
     names = [m for n in names for m in (CHEAP if n == "cheap" else (n,))]
@@ -44,7 +50,32 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     return Options(args.quick, args.out, args.steps, args.seeds, args.repeats, args.trials, args.threads,
-                   args.reverse), names
+                   args.reverse, args.helper, args.jobs), names
+
+
+def start_helper(name: str, opts: Options) -> subprocess.Popen:
+    """A second process for `name`: the same runs in reverse order, one thread, run log only."""
+    args = [sys.executable, "-m", "bench", "--only", name, "--reverse", "--helper", "--threads", "1",
+            "--out", str(opts.out)]
+    for flag, value in (("--steps", opts.steps), ("--seeds", opts.seeds), ("--trials", opts.trials)):
+        if value is not None:
+            args += [flag, str(value)]
+    if opts.quick:
+        args.append("--quick")
+    log.info("%s: a helper process shares the runs (pid follows)", name)
+    return subprocess.Popen(args, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def stop_helper(helper: subprocess.Popen) -> None:
+    """The main process has every run: what the helper still computes is a duplicate. SIGINT lets
+    it shut down a local Ray cleanly."""
+    if helper.poll() is None:
+        helper.send_signal(signal.SIGINT)
+        try:
+            helper.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
 
 
 def run_one(name: str, opts: Options) -> Report:
@@ -60,6 +91,8 @@ def run_one(name: str, opts: Options) -> Report:
     finally:
         torch.set_num_threads(threads)
     report.seconds = time.perf_counter() - start
+    if opts.helper:
+        return report
     md, js = report.write(opts.out)
     log.info("%s: %.0f s, wrote %s and %s", name, report.seconds, md, js)
     return report
@@ -98,9 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = []
     for name in names:
         log.info("running %s%s", name, " (quick)" if opts.quick else "")
-        report = run_one(name, opts)
+        helper = start_helper(name, opts) if opts.jobs > 1 and name in SHARED else None
+        try:
+            report = run_one(name, replace(opts, threads=1) if helper else opts)
+        finally:
+            if helper is not None:
+                stop_helper(helper)
+        if opts.helper:
+            continue
         sys.stdout.write(report.markdown() + "\n")
         reports.append(report)
+    if opts.helper:
+        return 0
     path = summary(opts)
     log.info("summary: %s", path)
     failed = [f"{r.name}: {t.name}" for r in reports for t in r.targets if not t.passed]

@@ -38,6 +38,8 @@ class Options:
     trials: int | None = None  # trials per search (search)
     threads: int | None = None  # torch threads (None: 1 in quick mode, torch's default otherwise)
     reverse: bool = False  # runs in reverse order: a second process shares the work through the run log
+    helper: bool = False  # only fill the run log (a --jobs 2 helper): no report, no untracked extras
+    jobs: int = 1  # 2: zoo, search and vision also run in a helper process (see bench.__main__)
 
     def pick(self, quick: Any, full: Any, override: Any = None) -> Any:
         """`override` when given, else the quick or the full default."""
@@ -285,6 +287,14 @@ class RunLog:
             value = compute()
             self.put(key, value)
         return value
+
+    def run_all(self, work: list[tuple[str, Callable[[], Any]]], reverse: bool = False) -> list[Any]:
+        """Every (key, compute) of `work`, in order or (a helper process) in reverse: two processes
+        going opposite ways share the work and meet in the middle. Values in `work`'s order."""
+        values: list[Any] = [None] * len(work)
+        for i in reversed(range(len(work))) if reverse else range(len(work)):
+            values[i] = self.run(*work[i])
+        return values
 
     def put(self, key: str, value: Any) -> None:
         self.done[key] = value

@@ -62,24 +62,20 @@ def fit_design(space: Any, plugin: str, roles: Any, limit: int) -> list[Any] | N
     return None
 
 
-def hand_made(task: Any, space: Any, budget: str, final: Any, designs: Any, journal: RunLog) -> dict[str, Any] | None:
-    """Each design that fits, trained at the final fidelity; the best on validation."""
+def hand_made_work(task: Any, space: Any, budget: str, final: Any, designs: Any) -> list[tuple[str, Any]]:
+    """(run-log key, compute) of each design that fits `budget`, trained at the final fidelity."""
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.budget import Budget
 
     limit = Budget.parse(budget).max_params(space.backbone_params)
-    best = None
+    work = []
     for label, plugin, roles in designs:
         placements = fit_design(space, plugin, roles, limit)
-        if placements is None:
-            continue
-        key = RunLog.key(hand_made=label, budget=budget, **final.to_dict())
-        row = journal.run(key, lambda: _hand_made_row(label, run_trial(task, placements, space.plugins, final,
-                                                                        test=True)))
-        log.info("search: hand-made %s at %s: %s", label, budget, row)
-        if best is None or row["val"] > best["val"]:
-            best = row
-    return best
+        if placements is not None:
+            work.append((RunLog.key(hand_made=label, budget=budget, **final.to_dict()),
+                         lambda label=label, placements=placements: _hand_made_row(
+                             label, run_trial(task, placements, space.plugins, final, test=True))))
+    return work
 
 
 def _hand_made_row(label: str, out: Any) -> dict[str, Any]:
@@ -130,16 +126,21 @@ def run(opts: Options) -> Report:
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
-    rows = []
-    for budget in budgets:
-        for strategy in strategies(opts.quick):
-            for seed in range(seeds):
-                key = RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed,
-                                 fidelity=fidelity.to_dict(), final=final.to_dict())
-                rows.append(journal.run(key, lambda: one_search(task, budget, strategy, trials, fidelity, final,
-                                                                seed)))
-    hand = {b: hand_made(task, space, b, final, designs, journal) for b in budgets}
-    full = journal.run(RunLog.key(full_finetuning=True, **final.to_dict()), lambda: full_ft(task, final))
+    searches = [(RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed, fidelity=fidelity.to_dict(),
+                            final=final.to_dict()),
+                 lambda b=budget, s=strategy, seed=seed: one_search(task, b, s, trials, fidelity, final, seed))
+                for budget in budgets for strategy in strategies(opts.quick) for seed in range(seeds)]
+    designed = {b: hand_made_work(task, space, b, final, designs) for b in budgets}
+    work = [*searches, *(w for b in budgets for w in designed[b]),
+            (RunLog.key(full_finetuning=True, **final.to_dict()), lambda: full_ft(task, final))]
+    values = journal.run_all(work, opts.reverse)
+    if opts.helper:
+        return report
+    rows, full = values[: len(searches)], values[-1]
+    made = iter(values[len(searches):-1])
+    hand = {b: max((next(made) for _ in designed[b]), key=lambda r: r["val"], default=None) for b in budgets}
+    for b, h in hand.items():
+        log.info("search: best hand-made at %s: %s", b, h)
     table = Table(f"{task.model_name} on {task.name}: {trials} trials x {per_trial} steps per search, final "
                   f"{final.steps} steps, {seeds} seed(s)",
                   ["budget", "method", "trainable", "test acc", "+- (std)", "val acc", "search cost (x final run)"])

@@ -44,19 +44,23 @@ def train_eval(task: Any, prep: M.Prepared, cfg: Any) -> dict[str, Any]:
             "step_s": result.step_seconds if result else 0.0, "val": result.val["accuracy"] if result else float("nan")}
 
 
-def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog) -> tuple[Table, dict[str, list]]:
+def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog,
+                  reverse: bool = False) -> tuple[Table, dict[str, list]]:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
 
     backbone = ModelGraph.from_model(task.make_model()).num_parameters()
-    runs: dict[str, list[dict[str, Any]]] = {}
+    work, labels = [], []
     for label, setup in METHODS.items():
         lr = FULL_LR if label == "full fine-tuning" else PETL_LR
         for seed in range(seeds):
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
-            key = RunLog.key(method=label, images=len(task.splits.y_train), **cfg.to_dict())
-            runs.setdefault(label, []).append(
-                journal.run(key, lambda: train_eval(task, setup(task.make_model()), cfg)))
+            work.append((RunLog.key(method=label, images=len(task.splits.y_train), **cfg.to_dict()),
+                         lambda setup=setup, cfg=cfg: train_eval(task, setup(task.make_model()), cfg)))
+            labels.append(label)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for label, value in zip(labels, journal.run_all(work, reverse)):
+        runs.setdefault(label, []).append(value)
     full = statistics.median(r["step_s"] for r in runs["full fine-tuning"])
     table = Table(f"EfficientNet-Lite0 on Fashion-MNIST ({len(task.splits.y_train)} training images, {steps} steps, "
                   f"{seeds} seed(s))",
@@ -142,7 +146,9 @@ def run(opts: Options) -> Report:
         return report
     steps, seeds = opts.pick(2, 150, opts.steps), opts.pick(1, 3, opts.seeds)
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
-    table, runs = methods_table(task, steps, seeds, opts.pick(16, 32), journal)
+    table, runs = methods_table(task, steps, seeds, opts.pick(16, 32), journal, opts.reverse)
+    if opts.helper:  # the few-shot table is the main process's
+        return report
     report.tables.append(table)
     report.data["runs"] = runs
     if "tip_adapter" in list_plugins():

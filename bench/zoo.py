@@ -109,6 +109,8 @@ def run(opts: Options) -> Report:
                 runs.pop(label, None)
                 log.warning("zoo: %s failed: %s", label, failed[label])
                 break
+    if opts.helper:
+        return report
     runs = {label: runs[label] for label, _ in methods if label in runs}  # the table's order either way
     table = summarise(runs, backbone, task, steps, seeds)
     report.tables.append(table)

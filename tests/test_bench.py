@@ -106,6 +106,9 @@ def test_vision_quick(tmp_path: Path) -> None:
     assert set(rows) == {"full fine-tuning", "linear probe", "bitfit (BatchNorm)", "lora (1x1 convs)"}
     trainable = [rows[m]["trainable"] for m in ("linear probe", "bitfit (BatchNorm)", "lora (1x1 convs)")]
     assert trainable[0] == 0 < trainable[1] < trainable[2]
+    tip = report.tables[1]  # Tip-Adapter, training-free and -F, beside the probe
+    assert tip.columns[1:] == ["cache alone", "cache-F alone", "linear probe", "probe + cache", "probe + cache-F"]
+    assert all(0.0 <= v <= 1.0 for row in tip.rows for v in row[1:])
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -148,6 +151,32 @@ def test_run_log_resumes_and_shares_finished_runs(tmp_path: Path) -> None:
     with path.open("a") as f:
         f.write('{"key": "cut off by a ki')  # a kill mid-write
     assert RunLog(path).get(key) == {"test": 0.7} and calls == [1]
+
+
+def test_run_all_in_reverse_shares_the_work_and_keeps_the_order(tmp_path: Path) -> None:
+    path = tmp_path / "raw" / "x-runs.jsonl"
+    done: list[str] = []
+    work = [(RunLog.key(i=i), lambda i=i: done.append(f"main {i}") or i * 10) for i in range(4)]
+    helper = RunLog(path)  # a --jobs 2 helper got through the last two before the main process got there
+    for key, _ in work[2:][::-1]:
+        helper.run(key, lambda key=key: done.append(f"helper {key}") or json.loads(key)["i"] * 10)
+    assert RunLog(path).run_all(work) == [0, 10, 20, 30]
+    assert done == ['helper {"i": 3}', 'helper {"i": 2}', "main 0", "main 1"]
+    assert RunLog(tmp_path / "other.jsonl").run_all(work, reverse=True) == [0, 10, 20, 30]
+    assert done[-4:] == ["main 3", "main 2", "main 1", "main 0"]
+
+
+def test_jobs_2_runs_a_helper_that_fills_the_run_log(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "zoo", "--jobs", "2", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "a helper process shares the runs" in out.stderr
+    assert (tmp_path / "zoo-quick.md").exists() and (tmp_path / "raw" / "zoo-quick-runs.jsonl").exists()
+    assert parse(["--jobs", "2"])[0].jobs == 2
 
 
 def test_cli_options(tmp_path: Path) -> None:
