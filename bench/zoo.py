@@ -67,9 +67,10 @@ def learning_rate(label: str) -> float:
 def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, lr: float,
                  with_memory: bool) -> dict[str, Any]:
     """One run: a fresh model, the method, (memory of one step on a copy), training, test accuracy."""
-    from petlsearch.runners.trainer import evaluate, train
+    from petlsearch.runners.trainer import evaluate, seed_everything, train
     from petlsearch.searchspace.memory import measure
 
+    seed_everything(cfg.seed)  # the modules' initialisation too, whatever ran before in this process
     prep = setup(task.make_model(), task)
     memory = None
     if with_memory:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petlsearch.runners.trainer import TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters, train
+from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
+                                        seed_everything, train)
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.structure import Backbone, Placement, Structure
 
@@ -54,6 +55,7 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
               weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
     """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
     start = time.perf_counter()
+    seed_everything(cfg.seed)  # module initialisation too: a trial is the same whatever ran before it
     model = task.make_model()
     freeze_backbone(model)
     graph = ModelGraph.from_model(model)
