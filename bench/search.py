@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,8 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
     return {"strategy": strategy, "budget": budget, "params": run.structure.result["trainable_params"],
             "val": run.final.score, "test": run.final.test["accuracy"], "search_s": run.search.seconds,
             "final_s": run.final.seconds, "cost": run.search.seconds / max(run.final.seconds, 1e-9),
-            "placements": len(run.structure.placements), "search_steps": options.get("steps", trials * fidelity.steps)}
+            "placements": len(run.structure.placements), "search_steps": options.get("steps", trials * fidelity.steps),
+            "plugins": dict(Counter(p.plugin for p in run.structure.placements))}  # what the search chose
 
 
 def run(opts: Options) -> Report:
