@@ -274,8 +274,8 @@ class WeightDelta(PETLModule):
             raise PluginError(f"site '{self.site.key}': {type(target).__name__} has no parameter '{name}'")
         # a tied parameter (GPT-2's wte / lm_head) changes everywhere it is used, so that the forward
         # matches merging the update into it
-        param = raw_parameter(target, name)
-        tied = [m for m in model.modules() if m is not target and raw_parameter(m, name) is param]
+        param = _raw_parameter(target, name)
+        tied = [m for m in model.modules() if m is not target and _raw_parameter(m, name) is param]
         self._param_orders: dict[int, list[str]] = {}
         for host in [target, *tied]:
             self._param_orders[id(host)] = list(host._parameters)  # torch re-adds the weight last on removal
@@ -319,7 +319,7 @@ class WeightDelta(PETLModule):
             getattr(target, name).data += delta
 
 
-def raw_parameter(module: nn.Module, name: str) -> Any:
+def _raw_parameter(module: nn.Module, name: str) -> Any:
     """The stored parameter `name` of `module` (under any parametrization), or None."""
     from torch.nn.utils import parametrize
 

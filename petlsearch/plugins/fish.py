@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, Plugin, Site, WeightDelta, raw_parameter
+from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, WeightDelta
 from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
@@ -102,11 +102,9 @@ class SparseDelta(WeightDelta):
 
     def install(self, model: nn.Module) -> None:
         target = model.get_submodule(self.site.path)
-        if not isinstance(target, nn.Linear) or (self.site.param or "weight") != "weight":
-            super().install(model)  # embeddings, norms, convolutions: a weight parametrization
-            return
-        if type(target).forward is not nn.Linear.forward:  # a quantised or custom Linear keeps its own
-            super().install(model)
+        plain_linear = isinstance(target, nn.Linear) and type(target).forward is nn.Linear.forward
+        if not plain_linear or (self.site.param or "weight") != "weight":
+            super().install(model)  # embeddings, norms, convolutions, quantised Linears: a parametrization
             return
         if hasattr(target, self.child_name) or "forward" in vars(target):
             raise PluginError(f"site '{self.site.key}' already holds a module that replaces its forward")
@@ -120,11 +118,11 @@ class SparseDelta(WeightDelta):
         weight = linear.weight  # another plugin's parametrization may make it trainable
         if self.gate_off:
             return F.linear(x, weight, linear.bias)
-        values = self.gated(self.values)
         if weight.requires_grad:  # its dense gradient is needed anyway
             return F.linear(x, self.effective_weight(weight), linear.bias)
         by_rows, block, position = self.block()
-        return SparseLinear.apply(x, weight, linear.bias, values, self.indices, block, position, by_rows)
+        return SparseLinear.apply(x, weight, linear.bias, self.gated(self.values), self.indices, block, position,
+                                  by_rows)
 
     def block(self) -> tuple[bool, torch.Tensor, torch.Tensor]:
         """`sparse_block` of the current mask (recomputed when a load or a move replaces it)."""
@@ -137,23 +135,9 @@ class SparseDelta(WeightDelta):
         if not self._fast:
             super().uninstall()
             return
-        linear = self._hosts[0]
-        vars(linear).pop("forward", None)
-        if getattr(linear, self.child_name, None) is self:
-            delattr(linear, self.child_name)
-        self._hosts.clear()
+        vars(self._hosts[0]).pop("forward", None)
+        PETLModule.uninstall(self)  # the child module and the host list, as any hooked module
         self._fast = False
-
-    def merge(self) -> None:
-        if not self._fast:
-            super().merge()
-            return
-        linear = self._hosts[0]
-        with torch.no_grad():
-            delta = self.gated(self.delta_weight()).detach()
-        self.uninstall()
-        weight = raw_parameter(linear, "weight")
-        weight.data += delta.to(weight.dtype)
 
     def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
         flat = weight.reshape(-1).index_add(0, self.indices, self.gated(self.values).to(weight.dtype))
