@@ -81,6 +81,13 @@ class SearchResult:
         return max(done, key=lambda r: (r.score, -r.params)) if done else None
 
 
+def pruning_signal(score: float, loss: float | None) -> float:
+    """What pruners rank a trial's intermediate results by (higher is better): minus the validation
+    loss, or the score when there is none. Early in training the accuracy of a small validation
+    sample ties (weak trials all predict the majority class) and cannot rank trials; the loss can."""
+    return -loss if loss is not None and math.isfinite(loss) else score
+
+
 def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Complete trials not dominated in (higher score, fewer params), sorted by params."""
     done = sorted((r for r in records if r.status == "complete" and r.score is not None),

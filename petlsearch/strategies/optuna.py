@@ -13,7 +13,6 @@ pictures are the same as for the other strategies.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError, did_you_mean
-from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
+from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal
 from petlsearch.strategies.encoding import Encoding
 
 if TYPE_CHECKING:
@@ -185,18 +184,15 @@ def _objectives(spec: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
 
 
 def _reporter(trial: optuna.Trial) -> Callable[..., bool]:
-    """The trainer's report(step, score, loss) -> prune? callback, fed to the trial's pruner.
-
-    The pruner compares the negated validation loss when there is one: early in training the
-    accuracy of a small validation sample ties (every weak trial predicts the majority class),
-    so it cannot rank trials, while the loss already does."""
+    """The trainer's report(step, score, loss) -> prune? callback, feeding `pruning_signal` to the
+    trial's pruner."""
     seen: set[int] = set()
 
     def report(step: int, score: float, loss: float | None = None) -> bool:
         if step in seen:  # an early stop re-reports the last step
             return False
         seen.add(step)
-        trial.report(-loss if loss is not None and math.isfinite(loss) else score, step)
+        trial.report(pruning_signal(score, loss), step)
         return trial.should_prune()
 
     return report

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError
 from petlsearch.searchspace.structure import Placement
-from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
+from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal
 from petlsearch.strategies.encoding import Encoding
 from petlsearch.strategies.optuna import OBJECTIVES, _objectives
 
@@ -149,8 +149,8 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            # ASHA ranks trials by validation loss (see _trainable), the searcher by the score
-            scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="min", max_t=steps,
+            # ASHA ranks trials by `pruning_signal` (validation loss), the searcher by the score
+            scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="max", max_t=steps,
                                        grace_period=grace, reduction_factor=self.reduction_factor)
                          if self.scheduler == "asha" else FIFOScheduler())
         else:  # ASHA stops on one metric only; a Pareto search trains every trial to the end
@@ -235,23 +235,17 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int
 
     def report(step: int, score: float, loss: float | None = None) -> bool:
         if step < steps:  # the last step is reported below, with the outcome (ASHA stops at max_t)
-            tune.report({"score": score, "signal": _signal(score, loss), "step": step, **base})
+            tune.report({"score": score, "signal": pruning_signal(score, loss), "step": step, **base})
         return False  # ASHA stops the trial itself
 
     outcome = objective(placements, report)
     done = getattr(getattr(outcome, "train", None), "steps", steps)  # fewer when stopped early
-    final = {"score": outcome.score, "signal": _signal(outcome.score, outcome.metrics.get("loss")), "step": done,
+    final = {"score": outcome.score, "signal": pruning_signal(outcome.score, outcome.metrics.get("loss")), "step": done,
              "final": 1, "pruned": int(bool(outcome.pruned)), **base,
              **{f"val_{k}": v for k, v in outcome.metrics.items()}}
     if not math.isfinite(outcome.score):
         final["error"] = f"score is {outcome.score}"
     tune.report(final)
-
-
-def _signal(score: float, loss: float | None) -> float:
-    """What ASHA ranks trials by (lower is better): the validation loss, since early on the accuracy of
-    a small validation sample ties (weak trials all predict the majority class) and cannot rank them."""
-    return loss if loss is not None and math.isfinite(loss) else -score
 
 
 def _record(res: Any, status: str) -> TrialRecord | None:
