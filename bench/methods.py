@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from petlsearch.plugins import create_plugin
-from petlsearch.runners.trainer import freeze_backbone, head_parameters
+from petlsearch.runners.trainer import freeze_backbone, head_parameters, seed_everything
 from petlsearch.searchspace.graph import ModelGraph
 
 if TYPE_CHECKING:
@@ -69,6 +69,13 @@ def _head(model: nn.Module, graph: ModelGraph) -> list[nn.Parameter]:
     for p in head:
         p.requires_grad_(True)
     return head
+
+
+def fresh_model(task: Any, seed: int) -> nn.Module:
+    """A fresh copy of the task's model, with the global seed set first so that what is attached to
+    it (random module initialisations) starts the same whatever ran before in the process."""
+    seed_everything(seed)
+    return task.make_model()
 
 
 def plugin_sites(plugin: Plugin, graph: ModelGraph, roles: Sequence[str] | None = None) -> list[Site]:

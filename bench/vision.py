@@ -56,7 +56,7 @@ def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog
         for seed in range(seeds):
             cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=HEAD_LR, seed=seed, device="cpu")
             work.append((RunLog.key(method=label, images=len(task.splits.y_train), **cfg.to_dict()),
-                         lambda setup=setup, cfg=cfg: train_eval(task, setup(seeded(task, cfg.seed)), cfg)))
+                         lambda setup=setup, cfg=cfg: train_eval(task, setup(M.fresh_model(task, cfg.seed)), cfg)))
             labels.append(label)
     runs: dict[str, list[dict[str, Any]]] = {}
     for label, value in zip(labels, journal.run_all(work, reverse)):
@@ -71,14 +71,6 @@ def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog
                   statistics.stdev(accs) if len(accs) > 1 else 0.0,
                   statistics.median(r["step_s"] for r in rs) / full if full else float("nan"))
     return table, runs
-
-
-def seeded(task: Any, seed: int) -> Any:
-    """A fresh model, with the global seed set first so that what is attached to it starts the same."""
-    from petlsearch.runners.trainer import seed_everything
-
-    seed_everything(seed)
-    return task.make_model()
 
 
 def few_shot(task: Any, shots: int, seed: int) -> Any:

@@ -67,11 +67,10 @@ def learning_rate(label: str) -> float:
 def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, lr: float,
                  with_memory: bool) -> dict[str, Any]:
     """One run: a fresh model, the method, (memory of one step on a copy), training, test accuracy."""
-    from petlsearch.runners.trainer import evaluate, seed_everything, train
+    from petlsearch.runners.trainer import evaluate, train
     from petlsearch.searchspace.memory import measure
 
-    seed_everything(cfg.seed)  # the modules' initialisation too, whatever ran before in this process
-    prep = setup(task.make_model(), task)
+    prep = setup(M.fresh_model(task, cfg.seed), task)
     memory = None
     if with_memory:
         batch = next(task.batches("train", cfg.batch_size, seed=cfg.seed))
