@@ -6,7 +6,9 @@ it: after kept layer i, side <- mu_i * side + (1 - mu_i) * down_i(h_i), with mu_
 T = 0.1, and side <- side_block_i(side); the first side state is down_0(embeddings). Layer dropping
 keeps every k-th layer counted from the top (`keep_every`). Side blocks start as the backbone's own
 blocks pruned to the side width by weight magnitude (the paper's structured "network pruning"
-init: the hidden, per-head and FFN dimensions with the largest L1 norms). The backbone runs without
+init: the hidden, per-head and FFN dimensions with the largest L1 norms; the hidden units are one
+set for the whole side network, as in a pruned network), and the ladders' down-projections start
+as the selection of those units, so a fresh side network runs on the backbone's own states. The backbone runs without
 gradient, so backward never crosses it: that is where the memory saving comes from. Side blocks
 run a memory-lean attention (`_lean_attention`): width reduction does not shrink the attention
 probabilities (heads x seq^2 per layer), so they are recomputed in backward instead of kept. The final side
@@ -100,6 +102,16 @@ class SideStack(nn.Module):
         self.blocks = nn.ModuleList()  # pruned copies of the kept backbone blocks, made at install
         self.norm: nn.Module | None = None  # pruned copy of the stack's final norm (a side encoder's)
 
+    def select(self, hidden: torch.Tensor) -> None:
+        """Start every down-projection as the selection of the side network's `hidden` units, so
+        that a fresh side network runs its pruned blocks on the backbone's own states (cut to
+        those units) rather than on random projections of them."""
+        with torch.no_grad():
+            for down in (self.down_first, *self.downs):
+                down.weight.zero_()
+                down.weight[torch.arange(hidden.numel()), hidden.to(down.weight.device)] = 1.0
+                down.bias.zero_()
+
     def ladder(self, k: int, side: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         mu = torch.sigmoid(self.alphas[k] / TEMPERATURE)
         down = self.downs[k](hidden.detach())
@@ -146,14 +158,20 @@ class LadderSide(PETLModule):
         host = model.get_submodule(last.rsplit(".", 1)[0] if "." in last else "")  # not the block list
         reference = next(self.parameters())
         self._signatures = []  # a re-install (after uninstall) starts afresh
+        hidden = None
+        if not len(self.halves[0].blocks):
+            kept = [list(model.get_submodule(spec.path))[i] for spec, half in zip(self.specs, self.halves)
+                    for i in half.kept]
+            hidden = hidden_units(kept, self.widths["hidden"])
         for j, (spec, half) in enumerate(zip(self.specs, self.halves)):
             blocks = list(model.get_submodule(spec.path))
             if not len(half.blocks):
                 for i in half.kept:
-                    side = prune_block(blocks[i], self.widths).to(device=reference.device, dtype=reference.dtype)
+                    side = prune_block(blocks[i], self.widths, hidden).to(device=reference.device, dtype=reference.dtype)
                     half.blocks.append(side.train(self.training))
+                half.select(hidden)
                 if spec.norm_path is not None:
-                    norm = prune_norm(model.get_submodule(spec.norm_path), self.widths["hidden"])
+                    norm = prune_norm(model.get_submodule(spec.norm_path), hidden)
                     half.norm = norm.to(device=reference.device, dtype=reference.dtype)
             self._signatures.append(inspect.signature(half.blocks[0].forward))
             for i, block in enumerate(blocks):
@@ -252,23 +270,42 @@ def _keep(score: dict[str, torch.Tensor], widths: dict[str, int], heads: int) ->
             "inner": torch.cat(per_head)}
 
 
-def prune_block(block: nn.Module, widths: dict[str, int]) -> nn.Module:
-    """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning)."""
-    side = copy.deepcopy(block)
-    _strip(side)
-    use_lean_attention(side)  # its own config copy: the backbone keeps its attention
-    roles = {name: block_role(name, type(m).__name__) for name, m in side.named_modules() if name}
+def _parts(block: nn.Module) -> tuple[dict[str, list[nn.Module]], list[nn.Module]]:
+    """A block's linears by role (the roles whose widths shrink) and its norms, not counting
+    other plugins' modules attached inside it."""
     linears: dict[str, list[nn.Module]] = {}
     norms = []
-    for name, m in side.named_modules():
-        role = roles.get(name)
+    attached = tuple(name + "." for name, m in block.named_modules() if isinstance(m, PETLModule))
+    for name, m in block.named_modules():
+        if isinstance(m, PETLModule) or name.startswith(attached):
+            continue
+        role = block_role(name, type(m).__name__) if name else None
         if role == "norm":
             norms.append(m)
         elif role in ROLE_DIMS:
             linears.setdefault(role, []).append(m)
+    return linears, norms
+
+
+def hidden_units(blocks: list[nn.Module], width: int) -> torch.Tensor:
+    """The residual-stream units the side network keeps: one set for all its blocks (a pruned
+    network's hidden size is one dimension through every layer, and the ladders hand states from
+    block to block), by L1 norm summed over the blocks."""
+    return _top(sum(_importance(*_parts(b))["hidden"] for b in blocks), width)
+
+
+def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor | None = None) -> nn.Module:
+    """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning);
+    `hidden` fixes which residual-stream units it keeps (default: the block's own largest)."""
+    side = copy.deepcopy(block)
+    _strip(side)
+    use_lean_attention(side)  # its own config copy: the backbone keeps its attention
+    linears, norms = _parts(side)
     old = {"hidden": linears["attn.q"][0].in_features, "inner": linears["attn.q"][0].out_features}
     heads = old["inner"] // _head_dim(side, old["inner"])
     keep = _keep(_importance(linears, norms), widths, heads)
+    if hidden is not None:
+        keep["hidden"] = hidden
     for role, modules in linears.items():
         out_kind, in_kind = ROLE_DIMS[role]
         for m in modules:
@@ -281,12 +318,11 @@ def prune_block(block: nn.Module, widths: dict[str, int]) -> nn.Module:
     return side
 
 
-def prune_norm(norm: nn.Module, width: int) -> nn.Module:
-    """A trainable copy of a final norm cut to the `width` units of largest |gain|."""
+def prune_norm(norm: nn.Module, hidden: torch.Tensor) -> nn.Module:
+    """A trainable copy of a final norm cut to the side network's `hidden` units."""
     side = copy.deepcopy(norm)
     _strip(side)
-    keep = _top(side.weight.detach().float().abs(), width)
-    _slice(side, keep, None)
+    _slice(side, hidden, None)
     for p in side.parameters():
         p.requires_grad_(True)
     return side

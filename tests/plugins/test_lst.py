@@ -72,6 +72,23 @@ def test_pruning_keeps_the_largest_weights() -> None:
     assert side(x).shape == x.shape  # runs at the side width
 
 
+def test_side_blocks_share_one_set_of_hidden_units_and_ladders_start_as_its_selection() -> None:
+    model = _frozen(tiny.bert(layers=3))
+    layers = model.bert.encoder.layer
+    with torch.no_grad():  # distinct gains, so that a kept gain names the unit it was cut from
+        for layer in layers:
+            layer.output.LayerNorm.weight.copy_(torch.rand(32) + 0.5)
+    plugin = LadderSideTuning()
+    module = plugin.attach(model, plugin.sites(ModelGraph.from_model(model))[0], {"reduction": 4, "keep_every": 1})
+    units = [[int(torch.nonzero(ln.weight == w)[0]) for w in side_ln.weight]  # which backbone units each kept
+             for layer, side in zip(layers, module.blocks)
+             for ln, side_ln in ((layer.output.LayerNorm, side.output.LayerNorm),)]
+    assert units[0] == units[1] == units[2] and len(set(units[0])) == 8  # one set of 32 / 4 units
+    x = torch.randn(2, 5, 32)
+    for down in (module.halves[0].down_first, *module.downs):
+        assert torch.equal(down(x), x[..., units[0]])  # the backbone's state, cut to those units
+
+
 def _rows_of(w: torch.Tensor, ws: torch.Tensor) -> list[torch.Tensor]:
     """The original rows (full width) that the pruned rows were cut from."""
     out = []
