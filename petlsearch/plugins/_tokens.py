@@ -18,7 +18,7 @@ owns every hook, so that several token modules on one stack agree on where the e
 
 Gate: a module whose gate is 0 (a float or a 0-dim tensor) is skipped entirely, so the model is
 exactly as without it; otherwise it inserts gate * tokens, or moves the positions it replaces by
-gate * (tokens - old). Incremental decoding with a non-empty KV cache is refused (see `_cached`).
+gate * (tokens - old). Incremental decoding with a non-empty KV cache is refused (see `cached_length`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, PETLModule, Site
+from petlsearch.plugins.base import BatchShape, PETLModule, Site, cached_length
 
 if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph, Node
@@ -219,7 +219,7 @@ class TokenSlots:
         active = [m for m in self.inputs if not m.gate_off]
         active_any = active or any(not m.gate_off for ms in self.layers.values() for m in ms)
         a = Call(self._owner_sig, args, kwargs)
-        if active_any and _cached(a):
+        if active_any and cached_length(a) > 0:
             raise PluginError("token modules (prompt tuning, VPT, ATTEMPT) do not support decoding with a "
                               "non-empty KV cache; call the model on the whole sequence (use_cache=False)")
         if not active:
@@ -341,12 +341,6 @@ class Call:
 
     def result(self) -> tuple[tuple, dict]:
         return tuple(self.args), self.kwargs
-
-
-def _cached(a: Call) -> bool:
-    cache = a.get("cache", a.get("past_key_values"))
-    length = getattr(cache, "get_seq_length", None)
-    return bool(length is not None and length() > 0)
 
 
 def _widen(mask: torch.Tensor, base: int, start: int, n: int) -> torch.Tensor:

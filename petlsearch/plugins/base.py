@@ -92,6 +92,20 @@ class BatchShape:
         return self.batch * self.seq
 
 
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the KV cache's name across transformers versions
+
+
+def cached_length(kwargs: Any) -> int:
+    """Positions already in a forward call's KV cache (0 without one): a step of incremental decoding
+    continues from them. `kwargs` is the call's keyword arguments (anything with .get)."""
+    cache = next((kwargs.get(n) for n in CACHE_ARGS if kwargs.get(n) is not None), None)
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # the legacy tuple of (key, value) per layer
+
+
 def trainable_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 

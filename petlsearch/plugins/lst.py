@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from petlsearch.plugins._lean_attention import use_lean_attention
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+from petlsearch.plugins.base import CACHE_ARGS, BatchShape, PETLModule, Plugin, Site, cached_length
 from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.searchspace.roles import block_role
 from petlsearch.searchspace.sites import stack_sites
@@ -53,7 +53,6 @@ ROLE_DIMS: dict[str, tuple[str, str | None]] = {
     "xattn.q": ("inner", "hidden"), "xattn.k": ("inner", "hidden"), "xattn.v": ("inner", "hidden"),
     "xattn.o": ("hidden", "inner"),
 }
-CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # a side block must not write the backbone's cache
 
 
 @dataclass(frozen=True)
@@ -187,7 +186,7 @@ class LadderSide(PETLModule):
             if self.gate_off:
                 return
             if i == 0:
-                if j > 0 and _cached_length(kwargs) > 0:
+                if j > 0 and cached_length(kwargs) > 0:
                     raise NotImplementedError("lst: the side decoder keeps no KV cache; generate with use_cache=False")
                 x = args[0] if args else kwargs["hidden_states"]
                 self._state[j] = self.halves[j].down_first(x.detach())
@@ -223,17 +222,12 @@ class LadderSide(PETLModule):
         bound.arguments[next(iter(signature.parameters))] = x
         if j > 0 and "encoder_hidden_states" in bound.arguments:
             bound.arguments["encoder_hidden_states"] = self._memory
-        for name in CACHE_ARGS:
+        for name in CACHE_ARGS:  # a side block must not write the backbone's cache
             if bound.arguments.get(name) is not None:
                 bound.arguments[name] = None
         if "use_cache" in bound.arguments:
             bound.arguments["use_cache"] = False
         return bound.args, bound.kwargs
-
-
-def _cached_length(kwargs: dict) -> int:
-    cache = next((kwargs[n] for n in CACHE_ARGS if kwargs.get(n) is not None), None)
-    return int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -19,7 +19,9 @@ Image features come per batch from `petlsearch.plugins.context.use(image_feature
 constructor (its last_hidden_state or tensor output). Without either the prefix is skipped and
 only the adapters act, so a text-only batch runs the plain LM with adapters. Gate 0 removes the
 prefix (and the adapters at theirs). The prefix is added on a first step only: a forward that
-continues from a key/value cache is left as it is.
+continues from a key/value cache (incremental decoding) finds it in the cache, and only its
+positions and attention mask are moved past the prefix, so cached generation gives the logits of
+uncached generation.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import SequentialAdapter, bottleneck_count
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, cached_length
 from petlsearch.plugins.context import extras
 from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.searchspace.sites import sublayer_sites
@@ -48,6 +50,7 @@ class ImagePrefix(PETLModule):
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(site.out_features)
         self._encoder = (encoder,)  # a tuple: the frozen encoder is neither a child nor saved
+        self._offset = 0  # prefix positions in the KV cache that the current decoding continues
 
     def hook(self, model: nn.Module, target: nn.Module) -> None:
         self._handles.append(target.register_forward_pre_hook(self._on_input, with_kwargs=True))
@@ -72,7 +75,11 @@ class ImagePrefix(PETLModule):
         return getattr(out, "last_hidden_state", out)
 
     def _on_input(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if self.gate_off or _continues_cache(kwargs.get("past_key_values")):
+        cached = cached_length(kwargs)
+        if cached:
+            return self._continue(args, kwargs, cached)
+        self._offset = 0
+        if self.gate_off:
             return None
         features = self.image_features()
         if features is None:
@@ -89,14 +96,28 @@ class ImagePrefix(PETLModule):
             raise PluginError(f"magma: {prefix.shape[0]} images for a batch of {embeds.shape[0]} texts")
         kwargs["inputs_embeds"] = torch.cat([prefix, embeds], dim=1)
         _extend(kwargs, prefix.shape[1])
+        self._offset = prefix.shape[1]
+        return args, kwargs
+
+    def _continue(self, args: tuple, kwargs: dict, cached: int) -> tuple | None:
+        """A decoding step after the first: `generate` counts positions and builds the mask for the
+        text alone, but the cache also holds the prefix, so both move past its positions."""
+        if not self._offset:
+            return None
+        kwargs = dict(kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            kwargs["position_ids"] = positions + self._offset
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] < cached + _new_tokens(args, kwargs):
+            pad = torch.ones(mask.shape[0], self._offset, dtype=mask.dtype, device=mask.device)
+            kwargs["attention_mask"] = torch.cat([pad, mask], dim=1)
         return args, kwargs
 
 
-def _continues_cache(past: Any) -> bool:
-    if past is None:
-        return False
-    length = past.get_seq_length() if hasattr(past, "get_seq_length") else len(past)
-    return length > 0
+def _new_tokens(args: tuple, kwargs: dict) -> int:
+    ids = args[0] if args else kwargs.get("input_ids")
+    return int((ids if ids is not None else kwargs["inputs_embeds"]).shape[1])
 
 
 def _extend(kwargs: dict, p: int) -> None:

@@ -178,3 +178,27 @@ def test_training_on_digit_captions_reads_the_image():
     assert digit < entropy - 0.3
     _, blind = _train_captions(with_images=False, steps=10)
     assert blind >= entropy - 1e-3
+
+
+def test_cached_generation_gives_the_logits_of_uncached_generation():
+    """Decoding steps after the first find the prefix in the KV cache: their positions and mask move past it."""
+    plugin = Magma(image_dim=IMAGE_DIM)
+    model, graph = _lm()
+    for m in _attach_all(plugin, model, graph):
+        _perturb(m)
+    model.eval()
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+
+    def step_logits(cache: bool) -> torch.Tensor:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=cache,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(out.logits)
+
+    with torch.no_grad():
+        text_only = step_logits(True)
+        with use(image_features=torch.randn(2, 3, IMAGE_DIM)):
+            cached, uncached = step_logits(True), step_logits(False)
+    assert torch.allclose(cached, uncached, atol=1e-5)
+    assert not torch.allclose(cached[1:], text_only[1:], atol=1e-4)  # the image steers the later steps too
