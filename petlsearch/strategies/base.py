@@ -88,10 +88,14 @@ def pruning_signal(score: float, loss: float | None) -> float:
     return -loss if loss is not None and math.isfinite(loss) else score
 
 
-def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    """Complete trials not dominated in (higher score, fewer params), sorted by params."""
+def pareto_front(records: Sequence[TrialRecord], cost: str = "params") -> list[TrialRecord]:
+    """Complete trials not dominated in (higher score, lower `cost`: "params" or "memory"), sorted by
+    that cost (of trials that tie on both, the first)."""
+    def spent(r: TrialRecord) -> float:
+        return float(r.params if cost == "params" else (r.memory or 0))
+
     done = sorted((r for r in records if r.status == "complete" and r.score is not None),
-                  key=lambda r: (r.params, -r.score))
+                  key=lambda r: (spent(r), -r.score))
     front, best = [], -math.inf
     for r in done:
         if r.score > best:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError
 from petlsearch.searchspace.structure import Placement
-from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal
+from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pareto_front, pruning_signal
 from petlsearch.strategies.encoding import Encoding
 from petlsearch.strategies.optuna import OBJECTIVES, _objectives
 
@@ -134,7 +134,7 @@ class RayTuneSearch(Strategy):
                   "objectives": list(objectives), "errors": sum(1 for r in grid if r.error is not None)}
         result = self.result(ctx, history, start, **extras)
         if len(objectives) > 1:
-            result.pareto = _front(history, objectives)
+            result.pareto = pareto_front(history, cost=objectives[1])
         return result
 
     def _tune_config(self, ctx: SearchContext, objectives: tuple[str, ...], enc: Encoding) -> Any:
@@ -270,18 +270,3 @@ def _record(res: Any, status: str) -> TrialRecord | None:
     val = {k[4:]: v for k, v in metrics.items() if k.startswith("val_")}
     return TrialRecord(int(config["number"]), config["placements"], int(config["params"]), status, score, val,
                        steps, config.get("memory"), float(metrics.get("time_total_s", 0.0)), error)
-
-
-def _front(history: list[TrialRecord], objectives: tuple[str, ...]) -> list[TrialRecord]:
-    """Complete trials not dominated in (higher score, lower params or memory)."""
-    key = objectives[1]
-    done = [r for r in history if r.status == "complete" and r.score is not None]
-
-    def cost(r: TrialRecord) -> float:
-        return float(r.params if key == "params" else (r.memory or 0))
-
-    def dominated(r: TrialRecord) -> bool:
-        return any(o.score >= r.score and cost(o) <= cost(r) and (o.score > r.score or cost(o) < cost(r))
-                   for o in done)
-
-    return sorted((r for r in done if not dominated(r)), key=cost)
