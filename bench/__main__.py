@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import RESULTS, Options, Report, Table
+from bench.common import RESULTS, Options, Report, Table, environment
 
 log = logging.getLogger("bench")
 BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "pruning", "vision")
 CHEAP = ("overhead", "scale", "memory")
 SHARED = ("zoo", "search", "vision")  # made of independent runs kept in a run log: --jobs 2 splits them
+SUITE_LIMIT_MIN = 120  # every benchmark in full mode, end to end, on 2 CPU cores (issue 12)
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
@@ -98,6 +99,25 @@ def run_one(name: str, opts: Options) -> Report:
     return report
 
 
+def suite_report(opts: Options, reports: Sequence[Report], seconds: float, env: dict) -> Report | None:
+    """The whole run's wall time, when it ran every benchmark in full mode at its own sizes (the
+    figure issue 12 asks for); None for any other run."""
+    from bench.common import Target
+
+    own_sizes = all(v is None for v in (opts.steps, opts.seeds, opts.repeats, opts.trials))
+    if opts.quick or not own_sizes or [r.name for r in reports] != list(BENCHMARKS):
+        return None
+    report = Report("suite", "The whole suite, end to end", "Every benchmark in full mode in one run, with the "
+                    "wall time of each (training benchmarks split over two processes with --jobs 2).", False,
+                    env=env, seconds=seconds, command=f"python -m bench --jobs {opts.jobs}")
+    table = Table("Wall time", ["benchmark", "minutes"], [[r.name, r.seconds / 60] for r in reports])
+    table.add("whole run", seconds / 60)
+    report.tables.append(table)
+    report.targets.append(Target("every benchmark in full mode, end to end (wall time)", seconds / 60,
+                                 SUITE_LIMIT_MIN, "<", " min"))
+    return report
+
+
 def summary(opts: Options) -> Path:
     """summary.md from every report in the results folder (this run's and earlier ones), so that
     benchmarks run one at a time still add up to one table."""
@@ -107,7 +127,7 @@ def summary(opts: Options) -> Path:
 
     table = Table("Targets", ["benchmark", "figure", "measured", "target", "", "measured on"])
     links = []
-    for name in BENCHMARKS:
+    for name in ("suite", *BENCHMARKS):
         stem = f"{name}-quick" if opts.quick else name
         path = opts.out / f"{stem}.json"
         if not path.exists():
@@ -129,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     opts, names = parse(argv)
     reports = []
+    start, env = time.perf_counter(), environment()
     for name in names:
         log.info("running %s%s", name, " (quick)" if opts.quick else "")
         helper = start_helper(name, opts) if opts.jobs > 1 and name in SHARED else None
@@ -143,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports.append(report)
     if opts.helper:
         return 0
+    suite = suite_report(opts, reports, time.perf_counter() - start, env)
+    if suite is not None:
+        suite.write(opts.out)
+        reports.append(suite)
     path = summary(opts)
     log.info("summary: %s", path)
     failed = [f"{r.name}: {t.name}" for r in reports for t in r.targets if not t.passed]

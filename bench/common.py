@@ -192,6 +192,7 @@ class Report:
     skipped: str | None = None
     env: dict[str, Any] = field(default_factory=environment)
     seconds: float = 0.0
+    command: str = ""  # how to make it again (default: this benchmark alone)
 
     @property
     def stem(self) -> str:
@@ -199,9 +200,9 @@ class Report:
 
     def markdown(self) -> str:
         env = self.env
-        mode = "--quick " if self.quick else ""
+        command = self.command or f"python -m bench {'--quick ' if self.quick else ''}--only {self.name}"
         out = [f"## {self.title}", "", self.description, "",
-               f"Command: `python -m bench {mode}--only {self.name}`. {env['date']}, {env['cpus']} CPUs "
+               f"Command: `{command}`. {env['date']}, {env['cpus']} CPUs "
                f"({env['machine']}), torch {env['torch']} with {env['torch_threads']} threads"
                f"{', ' + env['cuda'] if env.get('cuda') else ''}; load average (1/5/15 min) "
                f"{env['load_start']} at the start, {env.get('load_end')} at the end; {self.seconds:.0f} s.", ""]

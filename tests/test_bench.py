@@ -190,3 +190,23 @@ def test_cli_options(tmp_path: Path) -> None:
     Report("memory", "Memory", "d", True, targets=[Target("small", 0.5, 1.0)]).write(tmp_path)
     text = summary(Options(quick=True, out=tmp_path)).read_text()
     assert "| scale | fast | 2 | <= 1 | FAIL |" in text and "| memory | small | 0.5 | <= 1 | pass |" in text
+
+
+def test_suite_report_times_a_full_run_of_every_benchmark(tmp_path: Path) -> None:
+    from bench.__main__ import suite_report
+    from bench.common import environment
+
+    reports = [Report(name, name, "d", False, seconds=600.0) for name in BENCHMARKS]
+    full = Options(out=tmp_path, jobs=2)
+    suite = suite_report(full, reports, 7300.0, environment())
+    assert suite is not None and suite.command == "python -m bench --jobs 2"
+    assert [t.name for t in suite.targets] == ["every benchmark in full mode, end to end (wall time)"]
+    assert not suite.targets[0].passed  # 121.7 minutes
+    assert suite_report(full, reports, 7000.0, environment()).targets[0].passed
+    suite.write(tmp_path)
+    text = summary(Options(out=tmp_path)).read_text()
+    assert "| suite | every benchmark in full mode, end to end (wall time) | 122 min | < 120 min | FAIL |" in text
+    # not a whole full-size run: a subset, quick mode, or sizes changed on the command line
+    assert suite_report(full, reports[:-1], 7000.0, environment()) is None
+    assert suite_report(Options(quick=True), reports, 7000.0, environment()) is None
+    assert suite_report(Options(steps=10), reports, 7000.0, environment()) is None
