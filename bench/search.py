@@ -48,6 +48,14 @@ def strategies(quick: bool) -> list[str]:
     return ["random", "optuna", "s3pet"] + (["ray"] if importlib.util.find_spec("ray") else [])
 
 
+def strategy_defaults(strategy: str) -> dict[str, Any]:
+    """What a run-log key needs beyond the budget and fidelities: S3PET's candidate sizes (a search
+    at another setting of the strategy's default is another run)."""
+    from petlsearch.strategies.s3pet import S3PETSearch
+
+    return {"s3pet_sizes": S3PETSearch().sizes} if strategy == "s3pet" else {}
+
+
 def fit_design(space: Any, plugin: str, roles: Any, limit: int) -> list[Any] | None:
     """The largest uniform size of `plugin` on `roles` that fits `limit`, in as many top layers as fit."""
     from petlsearch.plugins.dims import IntDim
@@ -134,7 +142,7 @@ def run(opts: Options) -> Report:
     space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
     searches = [(RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed, fidelity=fidelity.to_dict(),
-                            final=final.to_dict()),
+                            final=final.to_dict(), **strategy_defaults(strategy)),
                  lambda b=budget, s=strategy, seed=seed: one_search(task, b, s, trials, fidelity, final, seed))
                 for budget in budgets for strategy in strategies(opts.quick) for seed in range(seeds)]
     designed = {b: hand_made_work(task, space, b, final, designs) for b in budgets}
