@@ -155,23 +155,11 @@ class LadderSide(PETLModule):
     def install(self, model: nn.Module) -> None:
         last = self.specs[-1].path
         host = model.get_submodule(last.rsplit(".", 1)[0] if "." in last else "")  # not the block list
-        reference = next(self.parameters())
+        stacks = [list(model.get_submodule(spec.path)) for spec in self.specs]
+        if not len(self.halves[0].blocks):  # the first install builds the side network; a re-install keeps it
+            self._build(model, stacks)
         self._signatures = []  # a re-install (after uninstall) starts afresh
-        hidden = None
-        if not len(self.halves[0].blocks):
-            kept = [list(model.get_submodule(spec.path))[i] for spec, half in zip(self.specs, self.halves)
-                    for i in half.kept]
-            hidden = hidden_units(kept, self.widths["hidden"])
-        for j, (spec, half) in enumerate(zip(self.specs, self.halves)):
-            blocks = list(model.get_submodule(spec.path))
-            if not len(half.blocks):
-                for i in half.kept:
-                    side = prune_block(blocks[i], self.widths, hidden).to(device=reference.device, dtype=reference.dtype)
-                    half.blocks.append(side.train(self.training))
-                half.select(hidden)
-                if spec.norm_path is not None:
-                    norm = prune_norm(model.get_submodule(spec.norm_path), hidden)
-                    half.norm = norm.to(device=reference.device, dtype=reference.dtype)
+        for j, (blocks, half) in enumerate(zip(stacks, self.halves)):
             self._signatures.append(inspect.signature(half.blocks[0].forward))
             for i, block in enumerate(blocks):
                 self._handles.append(block.register_forward_pre_hook(self._pre(j, i), with_kwargs=True))
@@ -179,6 +167,21 @@ class LadderSide(PETLModule):
                     self._post(j, i, last=i == len(blocks) - 1), with_kwargs=True, always_call=True))
         host.add_module(self.child_name, self)
         self._hosts.append(host)
+
+    def _build(self, model: nn.Module, stacks: list[list[nn.Module]]) -> None:
+        """Each half's side blocks (pruned copies of its kept backbone blocks, all on one set of
+        hidden units), ladders that start as the selection of those units, and final norm."""
+        reference = next(self.parameters())
+        kept = [blocks[i] for blocks, half in zip(stacks, self.halves) for i in half.kept]
+        hidden = hidden_units(kept, self.widths["hidden"])
+        for spec, blocks, half in zip(self.specs, stacks, self.halves):
+            for i in half.kept:
+                side = prune_block(blocks[i], self.widths, hidden).to(device=reference.device, dtype=reference.dtype)
+                half.blocks.append(side.train(self.training))
+            half.select(hidden)
+            if spec.norm_path is not None:
+                norm = prune_norm(model.get_submodule(spec.norm_path), hidden)
+                half.norm = norm.to(device=reference.device, dtype=reference.dtype)
 
     def _pre(self, j: int, i: int) -> Any:
         def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
