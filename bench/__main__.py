@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import RESULTS, Options, Report, Table, environment
+from bench.common import RESULTS, Options, Report, Table, Target, environment
 
 log = logging.getLogger("bench")
 BENCHMARKS = ("overhead", "scale", "memory", "zoo", "search", "pruning", "vision")
@@ -102,8 +102,6 @@ def run_one(name: str, opts: Options) -> Report:
 def suite_report(opts: Options, reports: Sequence[Report], seconds: float, env: dict) -> Report | None:
     """The whole run's wall time, when it ran every benchmark in full mode at its own sizes (the
     figure issue 12 asks for); None for any other run."""
-    from bench.common import Target
-
     own_sizes = all(v is None for v in (opts.steps, opts.seeds, opts.repeats, opts.trials))
     if opts.quick or not own_sizes or [r.name for r in reports] != list(BENCHMARKS):
         return None
@@ -122,8 +120,6 @@ def summary(opts: Options) -> Path:
     """summary.md from every report in the results folder (this run's and earlier ones), so that
     benchmarks run one at a time still add up to one table."""
     import json
-
-    from bench.common import Target
 
     table = Table("Targets", ["benchmark", "figure", "measured", "target", "", "measured on"])
     links = []

@@ -45,6 +45,7 @@ QUICK_PLUGINS = ("lora", "bitfit")
 # the issue compares LST and VQT with LoRA at a similar parameter count: LoRA at its default size
 # (rank 8 on every projection) is LST's size; rank 1 on q and v in every layer is VQT's
 SIZE_MATCHED = {"lst": "lora", "vqt": "lora q,v r1"}
+FULL, HEAD_ONLY = "full fine-tuning", "head only"  # the baselines' labels
 
 
 def method_table(quick: bool) -> dict[str, Callable[[Any, Any], M.Prepared]]:
@@ -53,8 +54,8 @@ def method_table(quick: bool) -> dict[str, Callable[[Any, Any], M.Prepared]]:
 
     names = QUICK_PLUGINS if quick else list_plugins()
     out: dict[str, Callable[[Any, Any], M.Prepared]] = {
-        "full fine-tuning": lambda m, t: M.full_finetuning(m),
-        "head only": lambda m, t: M.head_only(m),
+        FULL: lambda m, t: M.full_finetuning(m),
+        HEAD_ONLY: lambda m, t: M.head_only(m),
     }
     for name in names:
         out[name] = lambda m, t, name=name: M.apply_plugin(m, name, batches=t.batches("train", 32, seed=0))
@@ -69,7 +70,7 @@ def learning_rates(label: str) -> tuple[float, float]:
     """(the method's learning rate, the head's)."""
     from petlsearch.plugins import create_plugin, list_plugins
 
-    if label == "full fine-tuning":
+    if label == FULL:
         return FULL_LR, HEAD_LR
     name = label.removeprefix("peft ")
     kinds = set(create_plugin(name).kinds) if name in list_plugins() else set()
@@ -156,7 +157,7 @@ def targets(runs: dict[str, list[dict[str, Any]]]) -> list[Target]:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int, seeds: int) -> Table:
-    full = runs.get("full fine-tuning", [{}])[0]
+    full = runs.get(FULL, [{}])[0]
     table = Table(f"{task.model_name} on {task.name}: {steps} steps, {seeds} seed(s); ratios to full fine-tuning",
                   ["method", "trainable", "% of backbone", "test acc", "+- (std)", "val acc", "step / full FT",
                    "memory MiB", "memory / full FT"])
@@ -179,7 +180,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], backbone: int, path: Path) -> Pa
         ys = [r["test"] for r in rs]
         peft = label.startswith("peft")
         ax.errorbar(x, statistics.fmean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0, fmt="s" if peft else "o",
-                    color="tab:orange" if peft else "tab:gray" if label in ("full fine-tuning", "head only") else "tab:blue", ms=5)
+                    color="tab:orange" if peft else "tab:gray" if label in (FULL, HEAD_ONLY) else "tab:blue", ms=5)
         ax.annotate(label, (x, statistics.fmean(ys)), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters, % of the backbone (head excluded)")
