@@ -74,3 +74,25 @@ def test_digits_task_batches() -> None:
     task = get_task("digits", image_size=32)
     batch = next(task.batches("train", 8))
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["labels"].shape == (8,)
+
+
+def test_new_head_is_the_same_in_every_process_and_leaves_the_callers_random_state() -> None:
+    """The head is drawn from a fixed seed: torch seeds each process at random, and a head drawn
+    from the global state made a run depend on what its process had done before."""
+    import torch
+    from torch import nn
+
+    from petlsearch.runners.tasks import Task
+
+    def heads(draws_before: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(draws_before)
+        task = Task("t", "text", D.Splits([], np.zeros(0), [], np.zeros(0), [], np.zeros(0), ("a", "b")),
+                    "linear", lambda: nn.Linear(4, 2), encode=lambda items: {})
+        state = torch.random.get_rng_state()
+        model = task.make_model()
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's stream is untouched
+        return model.weight.detach(), task.make_model().weight.detach()
+
+    first, copy = heads(1)
+    assert torch.equal(first, copy)
+    assert torch.equal(first, heads(2)[0])  # another prior state, the same head
