@@ -282,11 +282,18 @@ class RunLog:
         return self.done.get(key)
 
     def run(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The finished run `key`, or `compute()` now, recorded before it is returned."""
+        """The finished run `key`, or `compute()` now, recorded before it is returned. The run is
+        claimed while it computes: a second process (a --jobs 2 helper going the other way) that
+        reaches it then waits for its value instead of running it twice."""
         value = self.get(key)
+        while value is None and not self._claim(key):
+            value = self._wait(key)
         if value is None:
-            value = compute()
-            self.put(key, value)
+            try:
+                value = compute()
+                self.put(key, value)
+            finally:
+                self._claim_path(key).unlink(missing_ok=True)
         return value
 
     def run_all(self, work: list[tuple[str, Callable[[], Any]]], reverse: bool = False) -> list[Any]:
@@ -297,6 +304,38 @@ class RunLog:
             values[i] = self.run(*work[i])
         return values
 
+    def _claim_path(self, key: str) -> Path:
+        import hashlib
+
+        return self.path.parent / f"{self.path.stem}.claims" / hashlib.sha1(key.encode()).hexdigest()
+
+    def _claim(self, key: str) -> bool:
+        """Mark `key` as running in this process; False when a live process holds it already (a
+        claim left by a process that died is taken over)."""
+        path = self._claim_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mine = path.with_name(f"{path.name}.{os.getpid()}")
+        mine.write_text(str(os.getpid()))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, path)  # atomic: the claim appears with its pid already in it
+                    return True
+                except FileExistsError:
+                    if _alive(path):
+                        return False
+                    path.unlink(missing_ok=True)
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
+
+    def _wait(self, key: str, poll: float = 2.0) -> Any:
+        """The value of a run another process claimed, once it lands in the log; None if that
+        process let go of it without one (it failed or died)."""
+        while self.get(key) is None and _alive(self._claim_path(key)):
+            time.sleep(poll)
+        return self.get(key)
+
     def put(self, key: str, value: Any) -> None:
         self.done[key] = value
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -304,6 +343,21 @@ class RunLog:
             f.write(json.dumps({"key": key, "value": value}, default=_plain) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _alive(claim: Path) -> bool:
+    """Whether the process that wrote `claim` still runs."""
+    try:
+        pid = int(claim.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return pid > 0
 
 
 def mib(n: float) -> float:

@@ -210,3 +210,27 @@ def test_suite_report_times_a_full_run_of_every_benchmark(tmp_path: Path) -> Non
     assert suite_report(full, reports[:-1], 7000.0, environment()) is None
     assert suite_report(Options(quick=True), reports, 7000.0, environment()) is None
     assert suite_report(Options(steps=10), reports, 7000.0, environment()) is None
+
+
+def test_a_run_claimed_by_a_live_process_is_waited_for_not_run_twice(tmp_path: Path) -> None:
+    """Where two --jobs 2 processes meet, the second waits for the first's run; a claim left by a
+    process that died is taken over."""
+    import subprocess
+    import sys
+    import threading
+
+    log = RunLog(tmp_path / "raw" / "x-runs.jsonl")
+    key, other = RunLog.key(i=0), RunLog.key(i=1)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        claim = log._claim_path(key)
+        claim.parent.mkdir(parents=True)
+        claim.write_text(str(sleeper.pid))  # the other process is running `key`
+        threading.Timer(0.3, lambda: (RunLog(log.path).put(key, 7), claim.unlink())).start()  # ... and finishes it
+        assert log.run(key, lambda: 1 / 0) == 7  # waited, did not compute
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    log._claim_path(other).write_text(str(sleeper.pid))  # a claim whose process has died
+    assert log.run(other, lambda: 8) == 8
+    assert not list(claim.parent.iterdir())  # finished runs leave no claim behind
