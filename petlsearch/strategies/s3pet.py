@@ -2,7 +2,9 @@
 Parameter-Efficient Tuning" (Hu et al., NeurIPS 2022; the authors' code is thunlp/S3Delta).
 
 Every candidate of the space is attached at once to one fresh model (the supernet), at a fixed size,
-with a structural parameter alpha_i driving its gate. The keep probabilities come from the shifted
+with a structural parameter alpha_i driving its gate. By default each candidate's size is its
+default scaled so that the whole space costs a few budgets (supernet.auto_scale): under a small
+budget that is the authors' space of rank-1 modules everywhere, from which the search keeps many. The keep probabilities come from the shifted
 global sigmoid p_i = sigmoid((alpha_i - b) / beta), whose shift b makes the expected cost
 sum_i n_i p_i equal to the budget (gates.solve_shift); beta is annealed. During search the gates are
 stretched Gumbel-sigmoid samples clamped to [0, 1] (exact zeros and ones); at evaluation they are
@@ -30,7 +32,7 @@ from petlsearch.errors import PetlsearchError
 from petlsearch.runners.trainer import TrainConfig, pick_device, seed_everything, to_device, train
 from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
 from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill
-from petlsearch.strategies.supernet import Arm, Supernet, build_supernet, split_train
+from petlsearch.strategies.supernet import AUTO, Arm, Supernet, build_supernet, split_train
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -49,17 +51,18 @@ class _OutOfTime(Exception):
 
 class S3PETSearch(Strategy):
     """Options: `steps` of supernet training (None: the context's fidelity steps x n_trials, the
-    compute a black-box strategy spends), `arch_lr` (Adam on the
-    alphas), `beta` (a constant or (start, end), annealed geometrically), `gate` (hard_concrete,
-    straight_through or expected), `sizes` (1: each candidate at its default size; n: up to n sizes
-    from Dim.values(n) as separate candidates), `second_order` (unrolled DARTS step), `arch_every`
-    (an alpha step every N weight steps), `holdout` (fraction of the training split for the alphas),
-    `stretch` (l, r of the hard-concrete), `implicit_shift` (differentiate b through the budget)."""
+    compute a black-box strategy spends), `arch_lr` (Adam on the alphas), `beta` (a constant or
+    (start, end), annealed geometrically), `gate` (hard_concrete, straight_through or expected),
+    `sizes` ("auto": each candidate at one size, its default scaled to the budget; 1: at its
+    default size; n: up to n sizes from Dim.values(n) as separate candidates), `second_order`
+    (unrolled DARTS step), `arch_every` (an alpha step every N weight steps), `holdout` (fraction of
+    the training split for the alphas), `stretch` (l, r of the hard-concrete), `implicit_shift`
+    (differentiate b through the budget)."""
 
     name = "s3pet"
 
     def __init__(self, steps: int | None = None, arch_lr: float = 0.1,
-                 beta: float | Sequence[float] = (1.0, 0.1), gate: str = "hard_concrete", sizes: int = 1,
+                 beta: float | Sequence[float] = (1.0, 0.1), gate: str = "hard_concrete", sizes: int | str = AUTO,
                  second_order: bool = False, arch_every: int = 1, holdout: float = 0.5,
                  stretch: Sequence[float] = STRETCH, implicit_shift: bool = True) -> None:
         self.steps = steps
@@ -110,8 +113,10 @@ class S3PETSearch(Strategy):
             raise PetlsearchError(f"s3pet: unknown gate type {self.gate!r}; choose one of {', '.join(GATE_TYPES)}")
         if not 0 < self.holdout < 1:
             raise PetlsearchError(f"s3pet: holdout must be a fraction in (0, 1), got {self.holdout!r}")
-        if self.arch_every < 1 or self.sizes < 1 or (self.steps is not None and self.steps < 1):
-            raise PetlsearchError("s3pet: steps, sizes and arch_every must be positive integers")
+        if self.arch_every < 1 or (self.steps is not None and self.steps < 1):
+            raise PetlsearchError("s3pet: steps and arch_every must be positive integers")
+        if self.sizes != AUTO and not (isinstance(self.sizes, int) and self.sizes >= 1):
+            raise PetlsearchError(f"s3pet: sizes must be {AUTO!r} or a positive integer, got {self.sizes!r}")
         betas = [self.beta] if isinstance(self.beta, (int, float)) else list(self.beta)
         if len(betas) not in (1, 2) or not all(float(b) > 0 for b in betas):
             raise PetlsearchError(f"s3pet: beta must be a positive number or (start, end), got {self.beta!r}")

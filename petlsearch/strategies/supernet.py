@@ -197,7 +197,7 @@ class Supernet:
         self._handles.clear()
 
 
-def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int, device: torch.device,
+def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int | str, device: torch.device,
                    gate: str, stretch: tuple[float, float], implicit: bool) -> Supernet:
     """A fresh model with a frozen backbone and every arm of `ctx.space` attached."""
     from petlsearch.runners.trainer import freeze_backbone
@@ -243,14 +243,22 @@ def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], v
     return module
 
 
-def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: int) -> list[Arm]:
-    """Each candidate at its default size (sizes=1) or at up to `sizes` sizes. A size that cannot
-    fit the budget on its own is left out; when none fits, the candidate's smallest size is tried."""
+AUTO = "auto"
+SPACE_RATIO = 4  # sizes="auto": the whole space at one size costs at most this many budgets
+SCALES = tuple(2.0 ** k for k in range(3, -7, -1))  # x8 .. x1/64 of each default size
+
+
+def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: int | str) -> list[Arm]:
+    """Each candidate at one size (sizes=1: its default; "auto": its default scaled to the budget,
+    see auto_scale) or at up to `sizes` sizes. A size that cannot fit the budget on its own is left
+    out; when none fits, the candidate's smallest size is tried."""
+    scale = auto_scale(space, budget) if sizes == AUTO else None
     arms = []
     for cand in space.candidates:
         plugin = space.plugins[cand.plugin]
-        dims = _size_dims(plugin, cand) if sizes > 1 else []
-        kept = [c for c in size_configs(plugin, cand, sizes) if space.fits([cand.placement(c)], budget, shape)]
+        dims = _size_dims(plugin, cand) if sizes != 1 else []
+        configs = [scaled_config(plugin, cand, scale)] if scale is not None else size_configs(plugin, cand, sizes)
+        kept = [c for c in configs if space.fits([cand.placement(c)], budget, shape)]
         smallest = plugin.config(cand.site, cand.min_config)
         if not kept and space.fits([cand.placement(smallest)], budget, shape):
             kept = [smallest]
@@ -259,6 +267,30 @@ def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: in
             arms.append(Arm(f"{cand.key}[{size}]" if size else cand.key, cand.placement(cfg), 0.0, cand))
     _set_param_costs(space, arms)
     return arms
+
+
+def auto_scale(space: SearchSpace, budget: Budget) -> float:
+    """The largest of SCALES at which the whole space (every candidate at its default size times
+    the scale) costs at most SPACE_RATIO parameter budgets, or the smallest scale. The search then
+    chooses among candidates that the budget can hold several of: at the default sizes a budget of
+    0.1% of MiniLM holds three LoRAs of rank 8, where the authors' space is LoRA of rank 1 at every
+    projection. 1 (the defaults) under a memory budget alone."""
+    limit = budget.max_params(space.backbone_params)
+    if limit is None:
+        return 1.0
+    for scale in SCALES:
+        total = sum(space.plugins[c.plugin].count(c.site, scaled_config(space.plugins[c.plugin], c, scale))
+                    for c in space.candidates)
+        if total <= SPACE_RATIO * limit:
+            return scale
+    return SCALES[-1]
+
+
+def scaled_config(plugin: Plugin, cand: Candidate, scale: float) -> dict[str, Any]:
+    """The candidate's default config with each size dim times `scale`, rounded into its range."""
+    default = plugin.config(cand.site)
+    return plugin.config(cand.site, {k: min(cand.dims[k].high, max(cand.dims[k].low, round(default[k] * scale)))
+                                     for k in _size_dims(plugin, cand)})
 
 
 def size_configs(plugin: Plugin, cand: Candidate, n: int) -> list[dict[str, Any]]:

@@ -172,7 +172,7 @@ def _space(family: str) -> SearchSpace:
 
 @settings(max_examples=40, deadline=None)
 @given(family=st.sampled_from(FAMILIES), frac=st.floats(0.01, 1.1), seed=st.integers(0, 10**6),
-       sizes=st.sampled_from((1, 3)))
+       sizes=st.sampled_from((1, 3, "auto")))
 def test_discretised_structures_of_real_spaces_fit(family, frac, seed, sizes):
     space = _space(family)
     total = sum(c.min_cost for c in space.candidates)

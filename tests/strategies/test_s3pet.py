@@ -18,7 +18,7 @@ from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
 from petlsearch.strategies.s3pet import S3PETSearch
-from petlsearch.strategies.supernet import build_supernet, expand_arms, split_train
+from petlsearch.strategies.supernet import SPACE_RATIO, auto_scale, build_supernet, expand_arms, split_train
 
 FAST = TrainConfig(steps=3, batch_size=16, eval_every=0, max_eval_examples=32)
 PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
@@ -161,3 +161,30 @@ def test_pipeline_writes_the_run_with_s3pet_extras(tiny_task, tmp_path, monkeypa
     report = json.loads((out / "report.json").read_text())
     assert {"alphas", "curve", "gates", "probabilities", "chosen"} <= set(report["extras"])
     assert (out / "structure.yaml").exists()
+
+
+def test_auto_sizes_scale_the_space_to_a_few_budgets(tiny_task):
+    """sizes="auto": every candidate at one size, its default times the largest scale at which the
+    whole space costs at most SPACE_RATIO budgets; a small budget gets the smallest sizes, a budget
+    above the whole space at its defaults gets larger ones."""
+    space = make_ctx(tiny_task).space
+    default_total = sum(space.plugins[c.plugin].count(c.site, space.plugins[c.plugin].config(c.site))
+                        for c in space.candidates)
+
+    def arms(params: int) -> list:
+        budget = Budget(params=params)
+        out = expand_arms(space, budget, BatchShape(16, 32), "auto")
+        assert len({a.placement.key for a in out}) == len(out)  # one size per candidate
+        return out
+
+    at_default = arms(default_total // SPACE_RATIO)
+    assert auto_scale(space, Budget(params=default_total // SPACE_RATIO)) == 1.0
+    assert {a.placement.config["rank"] for a in at_default if a.placement.plugin == "lora"} == {8}
+    small = arms(default_total // 100)
+    assert {a.placement.config["rank"] for a in small if a.placement.plugin == "lora"} == {1}
+    large = Budget(params=default_total)
+    assert auto_scale(space, large) > 1.0
+    total = sum(a.cost for a in expand_arms(space, large, BatchShape(16, 32), "auto"))
+    assert default_total < total <= SPACE_RATIO * default_total
+    with pytest.raises(PetlsearchError, match="sizes"):
+        S3PETSearch(sizes="many")._check(make_ctx(tiny_task))
