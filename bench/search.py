@@ -137,9 +137,9 @@ def full_ft(task: Any, final: Any) -> dict[str, Any]:
 
 def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any, final: Any,
                seed: int) -> dict[str, Any]:
-    from petlsearch.runners.search import search
-
     from dataclasses import replace
+
+    from petlsearch.runners.search import search
 
     options = {"steps": max(1, (trials - 1) * fidelity.steps)} if strategy == "s3pet" else {}
     run = search(task=task, budget=budget, strategy=strategy, plugins=PLUGINS,

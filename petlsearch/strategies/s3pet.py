@@ -4,11 +4,11 @@ Parameter-Efficient Tuning" (Hu et al., NeurIPS 2022; the authors' code is thunl
 Every candidate of the space is attached at once to one fresh model (the supernet), at a fixed size,
 with a structural parameter alpha_i driving its gate. By default each candidate's size is its
 default scaled so that the whole space costs a few budgets (supernet.auto_scale): under a small
-budget that is the authors' space of rank-1 modules everywhere, from which the search keeps many. The keep probabilities come from the shifted
-global sigmoid p_i = sigmoid((alpha_i - b) / beta), whose shift b makes the expected cost
-sum_i n_i p_i equal to the budget (gates.solve_shift); beta is annealed. During search the gates are
-stretched Gumbel-sigmoid samples clamped to [0, 1] (exact zeros and ones); at evaluation they are
-deterministic. The optimisation is bi-level, as DARTS: the module weights and the head train on one
+budget that is the authors' space of rank-1 modules everywhere, from which the search keeps many.
+The keep probabilities come from the shifted global sigmoid p_i = sigmoid((alpha_i - b) / beta),
+whose shift b makes the expected cost sum_i n_i p_i equal to the budget (gates.solve_shift); beta
+is annealed. During search the gates are stretched Gumbel-sigmoid samples clamped to [0, 1]
+(exact zeros and ones); at evaluation they are deterministic. The optimisation is bi-level, as DARTS: the module weights and the head train on one
 part of the TRAINING split, the alphas on the held-out rest (half, as the authors), alternating
 first-order steps or, with `second_order`, the unrolled step. The validation split never steers
 the alphas (the supernet's final validation score is only reported). The structure keeps the
