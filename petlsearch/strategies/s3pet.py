@@ -8,9 +8,10 @@ budget that is the authors' space of rank-1 modules everywhere, from which the s
 The keep probabilities come from the shifted global sigmoid p_i = sigmoid((alpha_i - b) / beta),
 whose shift b makes the expected cost sum_i n_i p_i equal to the budget (gates.solve_shift); beta
 is annealed. During search the gates are stretched Gumbel-sigmoid samples clamped to [0, 1]
-(exact zeros and ones); at evaluation they are deterministic. The optimisation is bi-level, as DARTS: the module weights and the head train on one
-part of the TRAINING split, the alphas on the held-out rest (half, as the authors), alternating
-first-order steps or, with `second_order`, the unrolled step. The validation split never steers
+(exact zeros and ones); at evaluation they are deterministic. The optimisation is bi-level, as
+DARTS: the module weights and the head train on one part of the TRAINING split, the alphas on the
+held-out rest (half, as the authors), alternating first-order steps or, with `second_order`, the
+unrolled step. The validation split never steers
 the alphas (the supernet's final validation score is only reported). The structure keeps the
 candidates of highest p_i while the budget holds; it is scored as trial 0 (trained from scratch at
 the search fidelity) and the pipeline retrains it at full fidelity.

@@ -257,7 +257,7 @@ def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: in
     for cand in space.candidates:
         plugin = space.plugins[cand.plugin]
         dims = _size_dims(plugin, cand) if sizes != 1 else []
-        configs = [scaled_config(plugin, cand, scale)] if scale is not None else size_configs(plugin, cand, sizes)
+        configs = [scaled_config(plugin, cand, scale, dims)] if scale is not None else size_configs(plugin, cand, sizes)
         kept = [c for c in configs if space.fits([cand.placement(c)], budget, shape)]
         smallest = plugin.config(cand.site, cand.min_config)
         if not kept and space.fits([cand.placement(smallest)], budget, shape):
@@ -278,19 +278,21 @@ def auto_scale(space: SearchSpace, budget: Budget) -> float:
     limit = budget.max_params(space.backbone_params)
     if limit is None:
         return 1.0
+    sized = [(space.plugins[c.plugin], c, _size_dims(space.plugins[c.plugin], c)) for c in space.candidates]
     for scale in SCALES:
-        total = sum(space.plugins[c.plugin].count(c.site, scaled_config(space.plugins[c.plugin], c, scale))
-                    for c in space.candidates)
+        total = sum(plugin.count(c.site, scaled_config(plugin, c, scale, dims)) for plugin, c, dims in sized)
         if total <= SPACE_RATIO * limit:
             return scale
     return SCALES[-1]
 
 
-def scaled_config(plugin: Plugin, cand: Candidate, scale: float) -> dict[str, Any]:
-    """The candidate's default config with each size dim times `scale`, rounded into its range."""
+def scaled_config(plugin: Plugin, cand: Candidate, scale: float, dims: list[str] | None = None) -> dict[str, Any]:
+    """The candidate's default config with each size dim (`dims`, default: _size_dims) times
+    `scale`, rounded into its range."""
     default = plugin.config(cand.site)
+    dims = _size_dims(plugin, cand) if dims is None else dims
     return plugin.config(cand.site, {k: min(cand.dims[k].high, max(cand.dims[k].low, round(default[k] * scale)))
-                                     for k in _size_dims(plugin, cand)})
+                                     for k in dims})
 
 
 def size_configs(plugin: Plugin, cand: Candidate, n: int) -> list[dict[str, Any]]:
