@@ -348,8 +348,10 @@ class RunLog:
 def _alive(claim: Path) -> bool:
     """Whether the process that wrote `claim` still runs."""
     try:
-        pid = int(claim.read_text() or 0)
+        pid = int(claim.read_text())
     except (FileNotFoundError, ValueError):
+        return False
+    if pid <= 0:  # os.kill would probe a process group, not a process
         return False
     try:
         os.kill(pid, 0)
@@ -357,7 +359,7 @@ def _alive(claim: Path) -> bool:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return pid > 0
+    return True
 
 
 def mib(n: float) -> float:

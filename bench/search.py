@@ -47,7 +47,7 @@ COMPARED_SEEDS = 3
 TARGET_BUDGET = "0.1%"
 
 
-def strategies(quick: bool, budget: str = TARGET_BUDGET) -> list[str]:
+def strategies(quick: bool, budget: str) -> list[str]:
     if quick:
         return ["random", "s3pet"]
     import importlib.util
