@@ -84,6 +84,8 @@ def test_search_quick(tmp_path: Path) -> None:
     assert all(0 < r["params"] <= 0.001 * backbone + 1 for r in searches)
     assert all(r["cost"] > 0 for r in searches)
     assert report.data["hand_made"]["0.1%"]["params"] <= 0.001 * backbone + 1
+    full = report.data["full_finetuning"]
+    assert full["seeds"] == 1 and full["tests"] == [full["test"]] and full["std"] == 0.0
 
 
 @pytest.mark.ray

@@ -142,6 +142,14 @@ def beta_at(schedule: float | Sequence[float], step: int, total: int) -> float:
     return start * (end / start) ** frac
 
 
+def warm_at(fraction: float, step: int, total: int) -> float:
+    """The budget warm-up left at `step` of `total`: 1 at step 0, falling linearly to 0 at
+    `fraction` of the steps (the relaxation start ** warm is thus geometric); 0 without warm-up."""
+    if fraction <= 0:
+        return 0.0
+    return max(0.0, 1.0 - step / (fraction * total))
+
+
 def greedy_fill(order: Iterable[int], fits: Callable[[list[int]], bool],
                 key: Callable[[int], Hashable] | None = None) -> list[int]:
     """Indices taken in `order` (best first) while the structure still fits; an index whose `key`

@@ -32,7 +32,7 @@ import torch
 from petlsearch.errors import PetlsearchError
 from petlsearch.runners.trainer import TrainConfig, pick_device, seed_everything, to_device, train
 from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
-from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill
+from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill, warm_at
 from petlsearch.strategies.supernet import AUTO, Arm, Supernet, build_supernet, split_train
 
 if TYPE_CHECKING:
@@ -58,14 +58,16 @@ class S3PETSearch(Strategy):
     default size; n: up to n sizes from Dim.values(n) as separate candidates), `second_order`
     (unrolled DARTS step), `arch_every` (an alpha step every N weight steps), `holdout` (fraction of
     the training split for the alphas), `stretch` (l, r of the hard-concrete), `implicit_shift`
-    (differentiate b through the budget)."""
+    (differentiate b through the budget), `warmup` (the fraction of the steps over which a space
+    of more than SPACE_RATIO budgets has its budget tightened geometrically from space / SPACE_RATIO
+    to the budget; 0: the budget from the first step)."""
 
     name = "s3pet"
 
     def __init__(self, steps: int | None = None, arch_lr: float = 0.1,
                  beta: float | Sequence[float] = (1.0, 0.1), gate: str = "hard_concrete", sizes: int | str = AUTO,
                  second_order: bool = False, arch_every: int = 1, holdout: float = 0.5,
-                 stretch: Sequence[float] = STRETCH, implicit_shift: bool = True) -> None:
+                 stretch: Sequence[float] = STRETCH, implicit_shift: bool = True, warmup: float = 0.5) -> None:
         self.steps = steps
         self.arch_lr = arch_lr
         self.beta = beta
@@ -76,6 +78,7 @@ class S3PETSearch(Strategy):
         self.holdout = holdout
         self.stretch = stretch
         self.implicit_shift = implicit_shift
+        self.warmup = warmup
 
     def run(self, ctx: SearchContext) -> SearchResult:
         start = time.monotonic()
@@ -91,6 +94,7 @@ class S3PETSearch(Strategy):
         loop = _BiLevel(self, ctx, net, cfg, search_task, arch_task)
         supernet_val = loop.run()
         net.set_beta(beta_at(self.beta, cfg.steps, cfg.steps))
+        net.set_warm(0.0)  # discretise against the budget itself, even when stopped during the warm-up
         with torch.no_grad():  # the logits order the arms as p does, without p's saturation at 1.0
             scores = net.logits().cpu().tolist()
         chosen = self.discretise(ctx, net.arms, scores)
@@ -116,6 +120,8 @@ class S3PETSearch(Strategy):
             raise PetlsearchError(f"s3pet: holdout must be a fraction in (0, 1), got {self.holdout!r}")
         if self.arch_every < 1 or (self.steps is not None and self.steps < 1):
             raise PetlsearchError("s3pet: steps and arch_every must be positive integers")
+        if not 0 <= self.warmup <= 1:
+            raise PetlsearchError(f"s3pet: warmup must be a fraction of the steps in [0, 1], got {self.warmup!r}")
         if self.sizes != AUTO and not (isinstance(self.sizes, int) and self.sizes >= 1):
             raise PetlsearchError(f"s3pet: sizes must be {AUTO!r} or a positive integer, got {self.sizes!r}")
         betas = [self.beta] if isinstance(self.beta, (int, float)) else list(self.beta)
@@ -172,6 +178,7 @@ class _BiLevel:
     def run(self) -> dict[str, float]:
         net, cfg = self.net, self.cfg
         net.set_beta(beta_at(self.s.beta, 0, cfg.steps))
+        net.set_warm(warm_at(self.s.warmup, 0, cfg.steps))
         self._snapshot(0)
         try:
             result = train(net.model, self.search_task, net.groups(cfg, self.search_task.new_head), cfg,
@@ -187,6 +194,7 @@ class _BiLevel:
         if step % self.s.arch_every == 0:
             self.arch_loss = self._second_order() if self.s.second_order else self._first_order()
         self.net.set_beta(beta_at(self.s.beta, step, self.cfg.steps))
+        self.net.set_warm(warm_at(self.s.warmup, step, self.cfg.steps))
         if step % self.every_point == 0 or step == self.cfg.steps:
             self._point(step)
         if step % self.every_snapshot == 0 or step == self.cfg.steps:

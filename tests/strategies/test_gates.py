@@ -20,7 +20,7 @@ from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.base import SearchContext
 from petlsearch.strategies.gates import (
-    beta_at, greedy_fill, mean_gates, sample_gates, shift_logits, solve_shift,
+    beta_at, greedy_fill, mean_gates, sample_gates, shift_logits, solve_shift, warm_at,
 )
 from petlsearch.strategies.s3pet import S3PETSearch
 from petlsearch.strategies.supernet import expand_arms
@@ -77,6 +77,11 @@ def test_implicit_shift_keeps_the_expected_cost_to_first_order():
         assert bool(grad.abs().max() < 1e-9 * float(costs.sum())) is small
     x = shift_logits(alpha, costs, b, 0.7)  # the value does not depend on `implicit`
     assert torch.allclose(x, (alpha - b) / 0.7)
+
+
+def test_warmup_schedule():
+    assert [warm_at(0.5, s, 10) for s in (0, 1, 5, 9)] == [1.0, pytest.approx(0.8), 0.0, 0.0]
+    assert warm_at(0.0, 0, 10) == 0.0  # no warm-up: the budget from the first step
 
 
 def test_beta_schedule():

@@ -18,7 +18,9 @@ from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
 from petlsearch.strategies.s3pet import S3PETSearch
-from petlsearch.strategies.supernet import SPACE_RATIO, auto_scale, build_supernet, expand_arms, split_train
+from petlsearch.strategies.supernet import (
+    MIN_HELD, SPACE_RATIO, auto_scale, build_supernet, expand_arms, split_train,
+)
 
 FAST = TrainConfig(steps=3, batch_size=16, eval_every=0, max_eval_examples=32)
 PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
@@ -90,7 +92,7 @@ def test_supernet_with_gates_at_zero_is_the_bare_model(tiny_task):
 
 def test_short_search_end_to_end(tiny_task):
     ctx = make_ctx(tiny_task, budget="600")
-    result = S3PETSearch(steps=6, arch_lr=0.2).run(ctx)
+    result = S3PETSearch(steps=6, arch_lr=0.2, warmup=0).run(ctx)
     assert isinstance(result, SearchResult) and result.strategy == "s3pet"
     assert result.best and ctx.space.count(result.best) <= 600
     assert [r.status for r in result.history] == ["complete"] and result.best_record is not None
@@ -104,6 +106,25 @@ def test_short_search_end_to_end(tiny_task):
     assert expected == pytest.approx(600, rel=1e-4)
     assert len(ex["chosen"]) == len(result.best) and set(ex["gates"]) == set(ex["probabilities"])
     json.dumps(ex)  # the report can hold it
+
+
+def test_warmup_tightens_a_large_space_to_the_budget(tiny_task):
+    """A space of more than SPACE_RATIO budgets starts meeting space / SPACE_RATIO (every gate well
+    open), tightens geometrically and meets the budget itself from `warmup` of the steps on; the
+    structure still fits the budget."""
+    ctx = make_ctx(tiny_task, budget="100")
+    net = build_supernet(ctx, tiny_task, FAST, "auto", torch.device("cpu"), "hard_concrete", (-0.1, 1.1), True)
+    start = float(net.constraints[0].costs.sum()) / (SPACE_RATIO * 100)
+    assert net.constraints[0].start == pytest.approx(start) and start > 1.5
+    net.close()
+    result = S3PETSearch(steps=8, warmup=0.5).run(ctx)
+    use = {p["step"]: p["budget_use"] for p in result.extras["curve"]}
+    assert use[2] == pytest.approx(start ** 0.5, rel=1e-4)  # step 2 of a 4-step warm-up: half way, geometrically
+    assert use[1] > use[2] > use[3] > 1.0
+    assert all(use[s] == pytest.approx(1.0, rel=1e-5) for s in range(4, 9))
+    assert ctx.space.count(result.best) <= 100
+    with pytest.raises(PetlsearchError, match="warmup"):
+        S3PETSearch(warmup=1.5)._check(ctx)
 
 
 def test_parameter_and_memory_budgets_together(tiny_task):
@@ -188,3 +209,19 @@ def test_auto_sizes_scale_the_space_to_a_few_budgets(tiny_task):
     assert default_total < total <= SPACE_RATIO * default_total
     with pytest.raises(PetlsearchError, match="sizes"):
         S3PETSearch(sizes="many")._check(make_ctx(tiny_task))
+
+
+def test_auto_sizes_leave_out_an_arm_that_fills_most_of_the_budget(tiny_task):
+    """Under "auto" every arm costs at most 1 / MIN_HELD of the budget, so the search chooses
+    among parts; when no arm is that cheap, every arm that fits stays."""
+    space = make_ctx(tiny_task).space
+    shape = BatchShape(16, 32)
+    every = expand_arms(space, Budget(params=10_000), shape, 1)
+    cheapest = min(a.cost for a in every)
+    limit = int(3 * cheapest)
+    arms = expand_arms(space, Budget(params=limit), shape, "auto")
+    assert arms and all(a.cost <= limit / MIN_HELD for a in arms)
+    assert any(a.cost > limit / MIN_HELD for a in expand_arms(space, Budget(params=limit), shape, 1))
+    tight = int(1.5 * cheapest)  # no arm is half of it: the arms that fit stay
+    assert {a.cost <= tight for a in expand_arms(space, Budget(params=tight), shape, "auto")} == {True}
+    assert any(a.cost > tight / MIN_HELD for a in expand_arms(space, Budget(params=tight), shape, "auto"))
