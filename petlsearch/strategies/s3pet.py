@@ -7,8 +7,10 @@ default scaled so that the whole space costs a few budgets (supernet.auto_scale)
 budget that is the authors' space of rank-1 modules everywhere, from which the search keeps many.
 The keep probabilities come from the shifted global sigmoid p_i = sigmoid((alpha_i - b) / beta),
 whose shift b makes the expected cost sum_i n_i p_i equal to the budget (gates.solve_shift); beta
-is annealed. During search the gates are stretched Gumbel-sigmoid samples clamped to [0, 1]
-(exact zeros and ones); at evaluation they are deterministic. The optimisation is bi-level, as
+is annealed. A space that costs many budgets warms up: its gates first meet a budget of space / 4,
+tightened geometrically to the budget itself over the first half of the steps, so that every
+module trains before most gates close. During search the gates are stretched Gumbel-sigmoid
+samples clamped to [0, 1] (exact zeros and ones); at evaluation they are deterministic. The optimisation is bi-level, as
 DARTS: the module weights and the head train on one part of the TRAINING split, the alphas on the
 held-out rest (half, as the authors), alternating first-order steps or, with `second_order`, the
 unrolled step. The validation split never steers

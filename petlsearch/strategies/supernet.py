@@ -100,7 +100,7 @@ class Supernet:
     # ------------------------------------------------------------------ probabilities
     def shift(self) -> tuple[float | None, Constraint | None]:
         """The shift b of the binding budget (the largest b satisfies every budget), cached until
-        alpha or beta change."""
+        alpha, beta or the warm-up change."""
         key = (self.alpha._version, self.beta, self.warm)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
