@@ -1,14 +1,17 @@
-"""Memory: training memory of every plugin, measured and modelled, and LST against full fine-tuning.
+"""Memory: training memory of every plugin, measured and modelled, and the memory-lean methods
+(LST, VQT) against full fine-tuning and LoRA.
 
 For every registered plugin at its default size (all of its sites, default config) on MiniLM
-(all-MiniLM-L6-v2's config) and on T5-base (config, random weights): the trainable parameters,
+(all-MiniLM-L6-v2's config), T5-base and ViT-B/16 (configs, random weights): the trainable parameters,
 the memory of one training step measured by petlsearch.searchspace.memory.measure (CPU: the
 bytes autograd keeps, weights, gradients, AdamW state) and modelled by .estimate, and the model's
 error (target: within 15%, on the total and on the activations alone, so that the frozen weights
 cannot hide an error). Full fine-tuning is measured beside them. Then LST's training memory on
 T5-base at batch 16 x 128 tokens as a share of full fine-tuning's (target <= 35%) and of LoRA's
 (target <= 60%), as in the LST paper's Table 1 setting: measured at batch 1 and 2 and extrapolated
-linearly in the batch (autograd keeps activations per example).
+linearly in the batch (autograd keeps activations per example). Likewise VQT's on ViT-B/16 at
+batch 16 x 197 tokens (224 x 224 images) against LoRA's (target <= 60%, LST's bar: VQT's queries
+read each layer without changing it, so backward never crosses the backbone).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ log = logging.getLogger(__name__)
 NAME = "memory"
 TITLE = "Memory: training memory per plugin, measured vs modelled"
 LST_SHAPE = (16, 128)
-LST_MEASURED = (1, 2)  # batch sizes measured at 128 tokens, extrapolated to LST_SHAPE
+VQT_BATCH = 16  # at the ViT's own token count (ViT-B/16 at 224 x 224: 196 patches and the class token)
+MEASURED = (1, 2)  # batch sizes measured, extrapolated to the shapes above
 # on T5-base one step of full fine-tuning takes minutes on a shared 2-core CPU: the per-plugin table
 # there covers LoRA, adapters, IA3, prefix tuning and LST
 T5_PLUGINS = ("lora", "adapter", "ia3", "prefix_tuning", "lst")
@@ -35,7 +39,10 @@ T5_PLUGINS = ("lora", "adapter", "ia3", "prefix_tuning", "lst")
 
 def models(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """name -> (model with random weights, (batch, seq) of the per-plugin table)."""
-    from transformers import AutoConfig, BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        AutoConfig, BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration, ViTConfig,
+        ViTForImageClassification,
+    )
 
     from petlsearch.runners import data as D
 
@@ -45,17 +52,28 @@ def models(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
                           intermediate_size=256, num_labels=2)
         t5 = T5Config(vocab_size=500, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
                       decoder_start_token_id=0)
+        vit = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, num_labels=2)
         return {"tiny BERT": (BertForSequenceClassification(bert), (4, 32)),
-                "tiny T5": (T5ForConditionalGeneration(t5), (4, 32))}
+                "tiny T5": (T5ForConditionalGeneration(t5), (4, 32)),
+                "tiny ViT": (ViTForImageClassification(vit), (4, 17))}
     minilm = AutoConfig.from_pretrained(D.minilm_path(), num_labels=2)
     t5 = T5Config(d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64)  # T5-base
+    vit = ViTConfig(num_labels=10)  # ViT-B/16 at 224 x 224
     return {"all-MiniLM-L6-v2": (BertForSequenceClassification(minilm), (16, 64)),
-            "T5-base": (T5ForConditionalGeneration(t5), (2, 64))}
+            "T5-base": (T5ForConditionalGeneration(t5), (2, 64)),
+            "ViT-B/16": (ViTForImageClassification(vit), (2, 197))}
 
 
 def make_batch(model: nn.Module, batch: int, seq: int) -> dict[str, Any]:
-    """Random tokens (memory does not depend on their values), with labels for the model's loss."""
+    """Random tokens or images (memory does not depend on their values), with labels for the
+    model's loss; an image model's `seq` is set by its config (patches + class token)."""
     g = torch.Generator().manual_seed(0)
+    config = model.config
+    if getattr(config, "image_size", None):
+        size = config.image_size
+        return {"pixel_values": torch.randn(batch, config.num_channels, size, size, generator=g),
+                "labels": torch.randint(0, config.num_labels, (batch,), generator=g)}
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (batch, seq), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -127,42 +145,42 @@ def _at_batch(rows: dict[int, int], batch: int) -> float:
     return m1 + per_example * (batch - b1)
 
 
-def lst_ratios(label: str, base: nn.Module, report: Report) -> None:
-    """LST / full fine-tuning and LST / LoRA on T5-base at batch 16 x 128: measured at batch 1 and
-    2 (one full fine-tuning step at batch 16 needs ~14 GB and many minutes here), extrapolated."""
+def lean_ratios(label: str, base: nn.Module, method: str, shape: tuple[int, int], report: Report,
+                full_target: float | None) -> None:
+    """`method` / full fine-tuning and / LoRA on `label` at `shape`: measured at the MEASURED batch
+    sizes (one full fine-tuning step of T5-base at batch 16 needs ~14 GB and many minutes here) and
+    extrapolated. Targets: <= 60% of LoRA's, and <= `full_target` % of full fine-tuning's."""
     from petlsearch.plugins import list_plugins
     from petlsearch.plugins.base import BatchShape
 
-    if "lst" not in list_plugins():
-        report.notes.append("The lst plugin is not registered: no LST ratios.")
+    if method not in list_plugins():
+        report.notes.append(f"The {method} plugin is not registered: no {method} ratios.")
         return
-    batch, seq = LST_SHAPE
-    measured: dict[str, dict[int, int]] = {"full fine-tuning": {}, "lora": {}, "lst": {}}
-    estimated: dict[str, float] = {}
-    for b in LST_MEASURED:
+    batch, seq = shape
+    measured: dict[str, dict[int, int]] = {"full fine-tuning": {}, "lora": {}, method: {}}
+    for b in MEASURED:
         data = make_batch(base, b, seq)
         measured["full fine-tuning"][b] = full_ft(base, data)
-        for name in ("lora", "lst"):
-            row = plugin_row(base, name, data, BatchShape(b, seq))
-            measured[name][b] = row["measured"]
-    for name in ("lora", "lst"):
-        estimated[name] = plugin_row_estimate(base, name, BatchShape(batch, seq))
+        for name in ("lora", method):
+            measured[name][b] = plugin_row(base, name, data, BatchShape(b, seq))["measured"]
+    estimated = {name: plugin_row_estimate(base, name, BatchShape(batch, seq)) for name in ("lora", method)}
     at = {k: _at_batch(v, batch) for k, v in measured.items()}
-    measured_at = " and ".join(map(str, LST_MEASURED))
-    table = Table(f"LST on {label} at batch {batch} x {seq} tokens (measured at batch {measured_at}, "
-                  "extrapolated linearly in the batch)",
-                  ["method", "MiB at batch 1", "MiB at batch 2", f"MiB at batch {batch}", f"estimated MiB at {batch}",
-                   "/ full FT", "LST / this"])
+    upper = method.upper()
+    table = Table(f"{upper} on {label} at batch {batch} x {seq} tokens (measured at batch "
+                  f"{' and '.join(map(str, MEASURED))}, extrapolated linearly in the batch)",
+                  ["method", *(f"MiB at batch {b}" for b in MEASURED), f"MiB at batch {batch}",
+                   f"estimated MiB at {batch}", "/ full FT", f"{upper} / this"])
     for name, rows in measured.items():
-        table.add(name, *(mib(rows[b]) for b in LST_MEASURED), mib(at[name]),
+        table.add(name, *(mib(rows[b]) for b in MEASURED), mib(at[name]),
                   mib(estimated[name]) if name in estimated else "", at[name] / at["full fine-tuning"],
-                  at["lst"] / at[name])
+                  at[method] / at[name])
     report.tables.append(table)
-    report.targets += [
-        Target(f"LST / full fine-tuning ({label}, {batch} x {seq})", 100 * at["lst"] / at["full fine-tuning"], 35,
-               unit="%"),
-        Target(f"LST / LoRA ({label}, {batch} x {seq})", 100 * at["lst"] / at["lora"], 60, unit="%")]
-    report.data["lst"] = {"measured": measured, "extrapolated": at, "estimated": estimated}
+    if full_target is not None:
+        report.targets.append(Target(f"{upper} / full fine-tuning ({label}, {batch} x {seq})",
+                                     100 * at[method] / at["full fine-tuning"], full_target, unit="%"))
+    report.targets.append(Target(f"{upper} / LoRA ({label}, {batch} x {seq})", 100 * at[method] / at["lora"], 60,
+                                 unit="%"))
+    report.data[method] = {"model": label, "measured": measured, "extrapolated": at, "estimated": estimated}
 
 
 def plugin_row_estimate(base: nn.Module, name: str, shape: Any) -> float:
@@ -192,7 +210,9 @@ def run(opts: Options) -> Report:
         report.data[label] = rows
         errors += [abs(r["error"]) for r in rows]
         if "T5" in label:
-            lst_ratios(label, base, report)
+            lean_ratios(label, base, "lst", LST_SHAPE, report, full_target=35)
+        if "ViT" in label:
+            lean_ratios(label, base, "vqt", (VQT_BATCH, bs[1]), report, full_target=None)
     worst = max(errors, default=float("nan"))
     report.targets.insert(0, Target("memory model, worst |error| over plugins and models", 100 * worst, 15, unit="%"))
     report.targets.insert(1, Target("memory model, median |error|", 100 * median(errors), 15, unit="%"))
@@ -201,5 +221,6 @@ def run(opts: Options) -> Report:
                      "training-free cache), has no row there.",
                      "The task head is frozen in these measurements: a structure's budget counts it apart."]
     if opts.quick:
-        report.notes.append("Quick mode: tiny BERT and T5 configs; the LST ratios are the tiny T5's, not T5-base's.")
+        report.notes.append("Quick mode: tiny BERT, T5 and ViT configs; the LST and VQT ratios are the tiny models', "
+                            "not T5-base's and ViT-B's.")
     return report

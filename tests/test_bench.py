@@ -57,12 +57,15 @@ def test_scale_quick(tmp_path: Path) -> None:
 def test_memory_quick(tmp_path: Path) -> None:
     report = run_one("memory", Options(quick=True, out=tmp_path))
     _check_written(report, tmp_path)
-    for label in ("tiny BERT", "tiny T5"):
+    for label in ("tiny BERT", "tiny T5", "tiny ViT"):
         rows = {r["plugin"]: r for r in report.data[label]}
         assert {"lora", "ia3"} <= set(rows)
         for r in rows.values():
             assert abs(r["error"]) <= 0.15, (label, r)
     assert report.targets[0].passed
+    vqt = report.data["vqt"]  # VQT's queries keep backward out of the ViT: below LoRA at every batch
+    assert vqt["model"] == "tiny ViT"
+    assert all(vqt["measured"]["vqt"][b] < vqt["measured"]["lora"][b] for b in vqt["measured"]["lora"])
 
 
 def test_zoo_quick(tmp_path: Path) -> None:
