@@ -53,7 +53,9 @@ def extend_mask(mask: torch.Tensor | None, batch: int, tokens: int, queries: int
 
 
 class QueryTokens(PETLModule):
-    """n query tokens at one block and their share of the readout (classes x n*h)."""
+    """n query tokens at one block and their share of the readout (classes x n*h). The block runs on
+    its tokens as usual; a second pass (QueryPass) runs it on tokens + queries for the queries'
+    outputs, keeping only the block's input for backward."""
 
     def __init__(self, site: Site, cfg: dict[str, Any]) -> None:
         super().__init__(site)
@@ -61,10 +63,8 @@ class QueryTokens(PETLModule):
         self.queries = nn.Parameter(torch.empty(n, h))  # (n, h)
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.readout = nn.Parameter(torch.zeros(site.get("classes"), n * h))  # zero: identity at init
-        self._tokens = 0
         self._out: torch.Tensor | None = None
         self._boolean = True
-        self._detach = True
 
     def hook(self, model: nn.Module, target: nn.Module) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
@@ -73,43 +73,86 @@ class QueryTokens(PETLModule):
                               "load the model with attn_implementation='sdpa'")
         self._boolean = impl == "sdpa"
         head = model.get_submodule(self.site.get("head"))
-        self._handles.append(target.register_forward_pre_hook(self._on_input, with_kwargs=True))
-        self._handles.append(target.register_forward_hook(self._on_output))
+        self._handles.append(target.register_forward_hook(self._on_output, with_kwargs=True))
         self._handles.append(head.register_forward_hook(self._on_head))
 
-    def _on_input(self, _mod: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    def _on_output(self, block: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
         self._out = None
         if self.gate_off:
-            return None
+            return
         x = args[0] if args else kwargs["hidden_states"]  # (B, T, h)
-        batch, self._tokens = x.shape[0], x.shape[1]
-        self._detach = not x.requires_grad
-        q = self.queries.to(x.dtype).expand(batch, -1, -1)  # (B, n, h)
-        x = torch.cat([x, q], dim=1)  # (B, T + n, h)
+
+        def queries_through(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+            return self._through(block, args, kwargs, x, queries)
+
+        trained = [p for p in block.parameters() if p.requires_grad]  # another plugin's, inside the block
+        if torch.is_grad_enabled() and (self.queries.requires_grad or x.requires_grad or trained):
+            self._out = QueryPass.apply(queries_through, len(trained), x, self.queries, *trained)
+        else:
+            self._out = queries_through(x, self.queries)
+
+    def _through(self, block: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor,
+                 queries: torch.Tensor) -> torch.Tensor:
+        """The queries' outputs (B, n, h) of `block` run on [x; queries] with the extended mask
+        (called directly: its own hooks, this one included, do not fire again)."""
+        batch, tokens = x.shape[0], x.shape[1]
+        q = queries.to(x.dtype).expand(batch, -1, -1)  # (B, n, h)
+        joined = torch.cat([x, q], dim=1)  # (B, T + n, h)
         in_args = len(args) > 1
         mask = args[1] if in_args else kwargs.get("attention_mask")
-        mask = extend_mask(mask, batch, self._tokens, q.shape[1], x.dtype, self._boolean, x.device)
+        mask = extend_mask(mask, batch, tokens, q.shape[1], x.dtype, self._boolean, x.device)
         if in_args:
-            return (x, mask, *args[2:]), kwargs
-        kwargs = {**kwargs, "attention_mask": mask}
-        return ((x, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": x})
-
-    def _on_output(self, _mod: nn.Module, _args: tuple, out: Any) -> Any:
-        if self.gate_off or not self._tokens:
-            return None
-        hidden = out[0] if isinstance(out, tuple) else out  # (B, T + n, h)
-        self._out = hidden[:, self._tokens:]  # (B, n, h): not fed back
-        kept = hidden[:, :self._tokens]
-        if self._detach:  # the original tokens never see the queries: keep autograd off the layers above
-            kept = kept.detach()
-        self._tokens = 0
-        return (kept, *out[1:]) if isinstance(out, tuple) else kept
+            out = block.forward(joined, mask, *args[2:], **kwargs)
+        elif args:
+            out = block.forward(joined, *args[1:], **{**kwargs, "attention_mask": mask})
+        else:
+            out = block.forward(**{**kwargs, "hidden_states": joined, "attention_mask": mask})
+        hidden = out[0] if isinstance(out, tuple) else out
+        return hidden[:, tokens:].contiguous()  # a copy: a view would keep the whole (B, T + n, h) alive
 
     def _on_head(self, _mod: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor | None:
         feats, self._out = self._out, None
         if feats is None or self.gate_off:
             return None
         return logits + self.gated(F.linear(feats.flatten(1), self.readout.to(feats.dtype)))
+
+
+class QueryPass(torch.autograd.Function):
+    """The queries' pass through a block, recomputed in backward: autograd keeps the block's input
+    (B, T, h) instead of the block's activations on T + n tokens (per layer, the difference between
+    VQT's memory and LoRA's). Backward re-runs the pass with the forward's random state (dropout)
+    and autocast, then returns the gradients of the input, the queries and any trainable parameter
+    inside the block (`n_trained`, passed last). The re-run holds one block's activations at a
+    time, during backward only."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, n_trained: int, x: torch.Tensor, queries: torch.Tensor,
+                *trained: torch.Tensor) -> torch.Tensor:
+        ctx.fn, ctx.n_trained = fn, n_trained
+        ctx.devices = [x.device] if x.device.type == "cuda" else []
+        ctx.cpu_state = torch.get_rng_state()
+        ctx.cuda_state = torch.cuda.get_rng_state(x.device) if ctx.devices else None
+        ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
+                        torch.get_autocast_dtype(x.device.type))
+        ctx.save_for_backward(x, queries, *trained)  # parameters are not copied: x is what it keeps
+        with torch.no_grad():
+            return fn(x, queries)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, queries, *trained = ctx.saved_tensors
+        x_in = x.detach().requires_grad_(ctx.needs_input_grad[2])
+        q_in = queries.detach().requires_grad_(ctx.needs_input_grad[3])
+        device_type, enabled, dtype = ctx.autocast
+        with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_state)
+            if ctx.cuda_state is not None:
+                torch.cuda.set_rng_state(ctx.cuda_state, ctx.devices[0])
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                out = ctx.fn(x_in, q_in)
+        wanted = [t for t, need in zip([x_in, q_in, *trained], ctx.needs_input_grad[2:]) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
+        return (None, None, *(next(grads) if need else None for need in ctx.needs_input_grad[2:]))
 
 
 def _stack_ok(graph: Any, stack: str) -> bool:
@@ -130,13 +173,11 @@ class VisualQueryTuning(Plugin):
         self.max_queries = max_queries
 
     def sites(self, graph: Any) -> list[Site]:
-        from petlsearch.searchspace.memory import block_profile
-
         heads = graph.find(role="head")
         if len(heads) != 1 or not graph.info.get("model_type", "").endswith(_POOLED):
             return []
         head = heads[0]
-        return [s.with_extra(head=head.path, classes=head.out_features, profile=block_profile(graph, s.stack))
+        return [s.with_extra(head=head.path, classes=head.out_features)
                 for s in block_sites(graph, "query") if _stack_ok(graph, s.stack)]
 
     def dims(self, site: Site) -> dict[str, Dim]:
@@ -151,11 +192,6 @@ class VisualQueryTuning(Plugin):
         return QueryTokens(site, cfg)
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
-        """The block runs on T + n tokens that now need a gradient (the whole block's activations;
-        the fused attention path also keeps the mask), and the readout keeps the query outputs, a
-        view that holds the block's whole output (B, T + n, h) alive."""
-        n, profile = cfg["queries"], site.get("profile")
-        seq = shape.seq + n
-        block = profile.elements(shape.batch * seq, seq)
-        mask = 0 if profile.attn_dropout else shape.batch * seq * seq
-        return int(block + mask + shape.batch * seq * site.in_features)
+        """The queries' pass keeps the block's input (B, T, h) and the readout the queries' outputs
+        (B, n, h); the pass's activations are recomputed in backward (QueryPass)."""
+        return shape.batch * (shape.seq + cfg["queries"]) * site.in_features

@@ -117,3 +117,39 @@ def test_gradient_reaches_queries_but_not_the_layers_below() -> None:
     torch.nn.init.normal_(module.readout)
     vqt_model(**batch).logits.sum().backward()
     assert module.queries.grad is not None and module.queries.grad.abs().sum() > 0
+
+
+def test_recomputed_query_pass_gives_the_gradients_of_the_direct_one(monkeypatch) -> None:
+    """QueryPass keeps only each block's input and recomputes the queries' pass in backward, with
+    the forward's dropout: every gradient (queries, readout, a LoRA inside the same block, a LoRA
+    below it) equals the one autograd gives through the pass kept whole."""
+    from petlsearch.plugins import vqt as V
+
+    cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    ids = torch.randint(1, 200, (3, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1])}
+
+    def grads(direct: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = _frozen(BertForSequenceClassification(cfg)).train()
+        graph = ModelGraph.from_model(model)
+        lora = create_plugin("lora")
+        for s in lora.sites(graph):
+            if s.role == "attn.v":  # in the query block and below it
+                torch.nn.init.normal_(lora.attach(model, s, {"rank": 2}).lora_B)
+        vqt = create_plugin("vqt")
+        module = vqt.attach(model, vqt.sites(graph)[-1], {"queries": 2})
+        torch.nn.init.normal_(module.readout)
+        if direct:
+            monkeypatch.setattr(V.QueryPass, "apply", lambda fn, _n, x, q, *_t: fn(x, q))
+        torch.manual_seed(1)
+        model(**batch).loss.backward()
+        monkeypatch.undo()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    recomputed, direct = grads(False), grads(True)
+    assert set(recomputed) == set(direct) and any("queries" in n for n in direct)
+    assert sum("lora" in n for n in direct) >= 4  # A and B of both LoRAs
+    for name in direct:
+        torch.testing.assert_close(recomputed[name], direct[name], rtol=1e-5, atol=1e-6)
