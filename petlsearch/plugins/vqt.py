@@ -9,10 +9,11 @@ The queries' outputs are not fed to the next layer: they are flattened and read 
 by a linear map added to the classifier's logits (the paper's linear classifier over the
 concatenation [CLS; query outputs], split per layer). The readout starts at zero, so a fresh module
 is the identity. The gradient reaches the queries through their own layer only, never the layers
-below. Each chosen block still runs on T + n tokens with autograd on, so it keeps the whole block's
-activations: on ViT-B/16 at batch 16 x 197, VQT at every layer needs 74% of LoRA's training memory
-(bench memory). A query path that kept only each layer's input, or the tokens' keys and values,
-would be leaner; it is not built yet.
+below. The block runs on its T tokens as usual; the queries' pass (the block on T + n tokens) runs
+without autograd and is recomputed in backward (QueryPass), so training keeps each query block's
+input (B, T, h) rather than its activations: that is why VQT is memory-efficient. Running the block
+on T + n tokens with autograd kept the whole block's activations at every layer (on ViT-B/16 at
+batch 16 x 197, 74% of LoRA's training memory).
 
 Works through hooks on the block (no edit of the model's source) for encoder stacks of models
 with a pooled classification head (BERT / RoBERTa, ViT) with eager or SDPA attention.
@@ -53,9 +54,9 @@ def extend_mask(mask: torch.Tensor | None, batch: int, tokens: int, queries: int
 
 
 class QueryTokens(PETLModule):
-    """n query tokens at one block and their share of the readout (classes x n*h). The block runs on
-    its tokens as usual; a second pass (QueryPass) runs it on tokens + queries for the queries'
-    outputs, keeping only the block's input for backward."""
+    """n query tokens at one block and their share of the readout (classes x n*h)."""
+
+    lean = True  # False: always keep the block's activations (the direct pass; tests compare the two)
 
     def __init__(self, site: Site, cfg: dict[str, Any]) -> None:
         super().__init__(site)
@@ -64,6 +65,10 @@ class QueryTokens(PETLModule):
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.readout = nn.Parameter(torch.zeros(site.get("classes"), n * h))  # zero: identity at init
         self._out: torch.Tensor | None = None
+        self._call: tuple[tuple, dict] | None = None  # the block's own arguments, for a recompute
+        self._tokens = 0
+        self._detach = True
+        self._grad: list[bool] = []
         self._boolean = True
 
     def hook(self, model: nn.Module, target: nn.Module) -> None:
@@ -73,42 +78,52 @@ class QueryTokens(PETLModule):
                               "load the model with attn_implementation='sdpa'")
         self._boolean = impl == "sdpa"
         head = model.get_submodule(self.site.get("head"))
-        self._handles.append(target.register_forward_hook(self._on_output, with_kwargs=True))
+        self._handles.append(target.register_forward_pre_hook(self._on_input, with_kwargs=True))
+        self._handles.append(target.register_forward_hook(self._on_output, always_call=True))
         self._handles.append(head.register_forward_hook(self._on_head))
 
-    def _on_output(self, block: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
-        self._out = None
+    def _on_input(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        self._out, self._call, self._tokens = None, None, 0
         if self.gate_off:
-            return
+            return None
         x = args[0] if args else kwargs["hidden_states"]  # (B, T, h)
+        # lean: nothing below or inside the block trains, so the tokens need no gradient and only
+        # the queries' outputs do: the block runs without autograd and QueryPass recomputes it
+        own = {id(p) for p in self.parameters()}  # this module may be the block's child
+        self._detach = not x.requires_grad and not any(p.requires_grad and id(p) not in own
+                                                         for p in block.parameters())
+        lean = self.lean and self._detach and torch.is_grad_enabled()
+        self._grad.append(torch.is_grad_enabled())
+        if lean:  # with the random state the block's dropout draws from, for an exact recompute
+            cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+            self._call = (args, kwargs, (torch.get_rng_state(), cuda))
+            torch.set_grad_enabled(False)
+        self._tokens = x.shape[1]
+        return _joined(args, kwargs, x, self.queries, self._boolean)
 
-        def queries_through(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-            return self._through(block, args, kwargs, x, queries)
+    def _on_output(self, block: nn.Module, _args: tuple, out: Any) -> Any:
+        if self._grad:
+            torch.set_grad_enabled(self._grad.pop())
+        if self.gate_off or not self._tokens or out is None:
+            return None
+        hidden = out[0] if isinstance(out, tuple) else out  # (B, T + n, h)
+        queries_out, kept = hidden[:, self._tokens:], hidden[:, :self._tokens]
+        if self._call is not None:
+            (args, kwargs, states), self._call = self._call, None
 
-        trained = [p for p in block.parameters() if p.requires_grad]  # another plugin's, inside the block
-        if torch.is_grad_enabled() and (self.queries.requires_grad or x.requires_grad or trained):
-            self._out = QueryPass.apply(queries_through, len(trained), x, self.queries, *trained)
+            def recompute(x: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+                joined_args, joined_kwargs = _joined(args, kwargs, x, queries, self._boolean)
+                joined = block.forward(*joined_args, **joined_kwargs)  # not block(...): no hooks again
+                return (joined[0] if isinstance(joined, tuple) else joined)[:, x.shape[1]:]
+
+            x = args[0] if args else kwargs["hidden_states"]
+            queries_out = QueryPass.apply(recompute, states, x, self.queries, queries_out)
         else:
-            self._out = queries_through(x, self.queries)
-
-    def _through(self, block: nn.Module, args: tuple, kwargs: dict, x: torch.Tensor,
-                 queries: torch.Tensor) -> torch.Tensor:
-        """The queries' outputs (B, n, h) of `block` run on [x; queries] with the extended mask
-        (called directly: its own hooks, this one included, do not fire again)."""
-        batch, tokens = x.shape[0], x.shape[1]
-        q = queries.to(x.dtype).expand(batch, -1, -1)  # (B, n, h)
-        joined = torch.cat([x, q], dim=1)  # (B, T + n, h)
-        in_args = len(args) > 1
-        mask = args[1] if in_args else kwargs.get("attention_mask")
-        mask = extend_mask(mask, batch, tokens, q.shape[1], x.dtype, self._boolean, x.device)
-        if in_args:
-            out = block.forward(joined, mask, *args[2:], **kwargs)
-        elif args:
-            out = block.forward(joined, *args[1:], **{**kwargs, "attention_mask": mask})
-        else:
-            out = block.forward(**{**kwargs, "hidden_states": joined, "attention_mask": mask})
-        hidden = out[0] if isinstance(out, tuple) else out
-        return hidden[:, tokens:].contiguous()  # a copy: a view would keep the whole (B, T + n, h) alive
+            queries_out = queries_out.contiguous()  # a view would keep the whole output alive
+            if self._detach:  # the tokens never see the queries: keep autograd off the layers above
+                kept = kept.detach()
+        self._out, self._tokens = queries_out, 0
+        return (kept, *out[1:]) if isinstance(out, tuple) else kept
 
     def _on_head(self, _mod: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor | None:
         feats, self._out = self._out, None
@@ -117,42 +132,50 @@ class QueryTokens(PETLModule):
         return logits + self.gated(F.linear(feats.flatten(1), self.readout.to(feats.dtype)))
 
 
+def _joined(args: tuple, kwargs: dict, x: torch.Tensor, queries: torch.Tensor, boolean: bool) -> tuple[tuple, dict]:
+    """The block's arguments with the queries appended to its tokens and the mask extended."""
+    batch, tokens = x.shape[0], x.shape[1]
+    q = queries.to(x.dtype).expand(batch, -1, -1)  # (B, n, h)
+    joined = torch.cat([x, q], dim=1)  # (B, T + n, h)
+    in_args = len(args) > 1
+    mask = args[1] if in_args else kwargs.get("attention_mask")
+    mask = extend_mask(mask, batch, tokens, q.shape[1], x.dtype, boolean, x.device)
+    if in_args:
+        return (joined, mask, *args[2:]), kwargs
+    kwargs = {**kwargs, "attention_mask": mask}
+    return ((joined, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": joined})
+
+
 class QueryPass(torch.autograd.Function):
-    """The queries' pass through a block, recomputed in backward: autograd keeps the block's input
-    (B, T, h) instead of the block's activations on T + n tokens (per layer, the difference between
-    VQT's memory and LoRA's). Backward re-runs the pass with the forward's random state (dropout)
-    and autocast, then returns the gradients of the input, the queries and any trainable parameter
-    inside the block (`n_trained`, passed last). The re-run holds one block's activations at a
-    time, during backward only."""
+    """The queries' outputs of a block that ran without autograd, recomputed in backward: autograd
+    keeps the block's input (B, T, h) instead of the block's activations on T + n tokens (per
+    layer, the difference between VQT's training memory and LoRA's). Backward re-runs the block
+    with the forward's random state (dropout) and autocast and returns the queries' gradient. The
+    re-run holds one block's activations at a time, during backward only."""
 
     @staticmethod
-    def forward(ctx: Any, fn: Any, n_trained: int, x: torch.Tensor, queries: torch.Tensor,
-                *trained: torch.Tensor) -> torch.Tensor:
-        ctx.fn, ctx.n_trained = fn, n_trained
+    def forward(ctx: Any, recompute: Any, states: tuple, x: torch.Tensor, queries: torch.Tensor,
+                computed: torch.Tensor) -> torch.Tensor:
+        ctx.recompute, (ctx.cpu_state, ctx.cuda_state) = recompute, states
         ctx.devices = [x.device] if x.device.type == "cuda" else []
-        ctx.cpu_state = torch.get_rng_state()
-        ctx.cuda_state = torch.cuda.get_rng_state(x.device) if ctx.devices else None
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(x, queries, *trained)  # parameters are not copied: x is what it keeps
-        with torch.no_grad():
-            return fn(x, queries)
+        ctx.save_for_backward(x, queries)  # the queries are a parameter: only x is kept
+        return computed.contiguous()  # a copy: the slice would keep the block's whole output alive
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, queries, *trained = ctx.saved_tensors
-        x_in = x.detach().requires_grad_(ctx.needs_input_grad[2])
-        q_in = queries.detach().requires_grad_(ctx.needs_input_grad[3])
+        x, queries = ctx.saved_tensors
+        q = queries.detach().requires_grad_(True)
         device_type, enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=ctx.devices), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_state)
             if ctx.cuda_state is not None:
                 torch.cuda.set_rng_state(ctx.cuda_state, ctx.devices[0])
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                out = ctx.fn(x_in, q_in)
-        wanted = [t for t, need in zip([x_in, q_in, *trained], ctx.needs_input_grad[2:]) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True)) if wanted else iter(())
-        return (None, None, *(next(grads) if need else None for need in ctx.needs_input_grad[2:]))
+                out = ctx.recompute(x, q)
+        (grad_q,) = torch.autograd.grad(out, [q], grad)
+        return None, None, None, grad_q, None
 
 
 def _stack_ok(graph: Any, stack: str) -> bool:

@@ -119,37 +119,52 @@ def test_gradient_reaches_queries_but_not_the_layers_below() -> None:
     assert module.queries.grad is not None and module.queries.grad.abs().sum() > 0
 
 
-def test_recomputed_query_pass_gives_the_gradients_of_the_direct_one(monkeypatch) -> None:
-    """QueryPass keeps only each block's input and recomputes the queries' pass in backward, with
-    the forward's dropout: every gradient (queries, readout, a LoRA inside the same block, a LoRA
-    below it) equals the one autograd gives through the pass kept whole."""
-    from petlsearch.plugins import vqt as V
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_recomputed_query_pass_gives_the_gradients_of_the_direct_one(monkeypatch, with_lora: bool) -> None:
+    """The lean pass (the block without autograd, recomputed in backward with the forward's
+    dropout) gives every gradient the direct pass (the block on tokens + queries with autograd)
+    gives; with a LoRA inside the query block and below it both take the direct pass."""
+    from petlsearch.plugins.vqt import QueryTokens
 
     cfg = BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     ids = torch.randint(1, 200, (3, 12), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1])}
 
-    def grads(direct: bool) -> dict[str, torch.Tensor]:
+    def grads(lean: bool) -> tuple[dict[str, torch.Tensor], int]:
+        monkeypatch.setattr(QueryTokens, "lean", lean)
         torch.manual_seed(0)
         model = _frozen(BertForSequenceClassification(cfg)).train()
         graph = ModelGraph.from_model(model)
-        lora = create_plugin("lora")
-        for s in lora.sites(graph):
-            if s.role == "attn.v":  # in the query block and below it
-                torch.nn.init.normal_(lora.attach(model, s, {"rank": 2}).lora_B)
+        if with_lora:
+            lora = create_plugin("lora")
+            for s in lora.sites(graph):
+                if s.role == "attn.v":  # in the query block and below it
+                    torch.nn.init.normal_(lora.attach(model, s, {"rank": 2}).lora_B)
         vqt = create_plugin("vqt")
         module = vqt.attach(model, vqt.sites(graph)[-1], {"queries": 2})
         torch.nn.init.normal_(module.readout)
-        if direct:
-            monkeypatch.setattr(V.QueryPass, "apply", lambda fn, _n, x, q, *_t: fn(x, q))
         torch.manual_seed(1)
-        model(**batch).loss.backward()
-        monkeypatch.undo()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss = model(**batch).loss
+        kept = loss.grad_fn is not None and _count_query_passes(loss)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, kept
 
-    recomputed, direct = grads(False), grads(True)
-    assert set(recomputed) == set(direct) and any("queries" in n for n in direct)
-    assert sum("lora" in n for n in direct) >= 4  # A and B of both LoRAs
+    (lean, lean_passes), (direct, direct_passes) = grads(True), grads(False)
+    assert direct_passes == 0 and lean_passes == (0 if with_lora else 1)
+    assert set(lean) == set(direct) and any("queries" in n for n in direct)
+    assert sum("lora" in n for n in direct) == (4 if with_lora else 0)  # A and B of both LoRAs
     for name in direct:
-        torch.testing.assert_close(recomputed[name], direct[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lean[name], direct[name], rtol=1e-5, atol=1e-6)
+
+
+def _count_query_passes(loss: torch.Tensor) -> int:
+    seen, stack, n = set(), [loss.grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        n += type(fn).__name__ == "QueryPassBackward"
+        stack.extend(f for f, _ in fn.next_functions)
+    return n
