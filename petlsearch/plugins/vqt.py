@@ -65,7 +65,7 @@ class QueryTokens(PETLModule):
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.readout = nn.Parameter(torch.zeros(site.get("classes"), n * h))  # zero: identity at init
         self._out: torch.Tensor | None = None
-        self._call: tuple[tuple, dict] | None = None  # the block's own arguments, for a recompute
+        self._call: tuple[tuple, dict, tuple] | None = None  # the block's arguments and random state
         self._tokens = 0
         self._detach = True
         self._grad: list[bool] = []
