@@ -78,6 +78,11 @@ def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def std(xs: Sequence[float]) -> float:
+    """The sample standard deviation (the +- of a mean over seeds), 0 for fewer than 2 values."""
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def spread(xs: Sequence[float]) -> float:
     """Half the inter-quartile range (a robust +-), 0 for fewer than 2 values."""
     if len(xs) < 2:

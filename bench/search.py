@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import methods as M
-from bench.common import Options, Report, RunLog, Table, Target, plt
+from bench.common import Options, Report, RunLog, Table, Target, plt, std
 from bench.tasks import minilm_task, tiny_task
 
 log = logging.getLogger(__name__)
@@ -112,20 +112,21 @@ def hand_made_work(task: Any, space: Any, budget: str, final: Any, designs: Any,
     return work
 
 
-def design_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One design's runs over seeds: mean validation and test accuracy, the test spread."""
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of one configuration over seeds: mean validation and test accuracy, the test spread."""
     tests = [r["test"] for r in runs]
-    return {"design": runs[0]["design"], "params": runs[0]["params"], "val": statistics.fmean(r["val"] for r in runs),
-            "test": statistics.fmean(tests), "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+    return {"val": statistics.fmean(r["val"] for r in runs), "test": statistics.fmean(tests), "std": std(tests),
             "seeds": len(runs), "tests": tests}
 
 
+def design_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One hand-made design over seeds."""
+    return {"design": runs[0]["design"], "params": runs[0]["params"], **over_seeds(runs)}
+
+
 def full_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Full fine-tuning over seeds: the means (test, validation, step time) and the test spread."""
-    tests = [r["test"] for r in runs]
-    return {**runs[0], "val": statistics.fmean(r["val"] for r in runs), "test": statistics.fmean(tests),
-            "std": statistics.stdev(tests) if len(tests) > 1 else 0.0, "seeds": len(runs), "tests": tests,
-            "step_s": statistics.fmean(r["step_s"] for r in runs)}
+    """Full fine-tuning over seeds, its step time the mean too."""
+    return {**runs[0], **over_seeds(runs), "step_s": statistics.fmean(r["step_s"] for r in runs)}
 
 
 def _hand_made_row(label: str, out: Any) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def run(opts: Options) -> Report:
             rs = [r for r in rows if r["budget"] == budget and r["strategy"] == strategy]
             accs = [r["test"] for r in rs]
             table.add(budget, strategy, len(rs), round(statistics.fmean(r["params"] for r in rs)),
-                      statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      statistics.fmean(accs), std(accs),
                       statistics.fmean(r["val"] for r in rs), statistics.median(r["cost"] for r in rs))
         h = hand[budget]
         if h is not None:

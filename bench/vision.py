@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench import methods as M
-from bench.common import Options, Report, RunLog, Table
+from bench.common import Options, Report, RunLog, Table, std
 
 log = logging.getLogger(__name__)
 NAME = "vision"
@@ -68,7 +68,7 @@ def methods_table(task: Any, steps: int, seeds: int, batch: int, journal: RunLog
     for label, rs in runs.items():
         accs = [r["test"] for r in rs]
         table.add(label, rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
-                  statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                  std(accs),
                   statistics.median(r["step_s"] for r in rs) / full if full else float("nan"))
     return table, runs
 

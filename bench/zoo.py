@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import methods as M
-from bench.common import Options, Report, RunLog, Table, Target, mib, plt
+from bench.common import Options, Report, RunLog, Table, Target, mib, plt, std
 from bench.tasks import minilm_task, tiny_task
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, s
         step = statistics.median(r["step_s"] for r in rs)
         memory = rs[0]["memory"]
         table.add(label, rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
-                  statistics.stdev(accs) if len(accs) > 1 else 0.0, statistics.fmean(r["val"] for r in rs),
+                  std(accs), statistics.fmean(r["val"] for r in rs),
                   step / full["step_s"] if full.get("step_s") else float("nan"), mib(memory or 0),
                   memory / full["memory"] if full.get("memory") else float("nan"))
     return table
@@ -179,7 +179,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], backbone: int, path: Path) -> Pa
         x = max(100 * rs[0]["trainable"] / backbone, 1e-4)
         ys = [r["test"] for r in rs]
         peft = label.startswith("peft")
-        ax.errorbar(x, statistics.fmean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else 0, fmt="s" if peft else "o",
+        ax.errorbar(x, statistics.fmean(ys), yerr=std(ys), fmt="s" if peft else "o",
                     color="tab:orange" if peft else "tab:gray" if label in (FULL, HEAD_ONLY) else "tab:blue", ms=5)
         ax.annotate(label, (x, statistics.fmean(ys)), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")

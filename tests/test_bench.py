@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import BENCHMARKS, parse, run_one, summary
-from bench.common import Options, Report, RunLog, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread
+from bench.common import (
+    Options, Report, RunLog, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread, std,
+)
 
 
 def _check_written(report: Report, out: Path) -> dict:
@@ -128,6 +130,11 @@ def test_paired_ratio_cancels_shared_drift() -> None:
     a, b = [2.0, 4.0, 8.0], [1.0, 2.0, 4.0]  # the load doubled each round: the ratio stays 2
     assert paired_ratio(a, b) == (2.0, 0.0)
     assert spread([1.0]) == 0.0
+
+
+def test_std_over_seeds() -> None:
+    assert std([0.7]) == 0.0  # one seed: no spread, not an error
+    assert std([0.7, 0.8, 0.9]) == pytest.approx(0.1)
 
 
 def test_peak_python_memory_sees_allocations() -> None:
