@@ -9,11 +9,12 @@ The queries' outputs are not fed to the next layer: they are flattened and read 
 by a linear map added to the classifier's logits (the paper's linear classifier over the
 concatenation [CLS; query outputs], split per layer). The readout starts at zero, so a fresh module
 is the identity. The gradient reaches the queries through their own layer only, never the layers
-below. The block runs on its T tokens as usual; the queries' pass (the block on T + n tokens) runs
-without autograd and is recomputed in backward (QueryPass), so training keeps each query block's
-input (B, T, h) rather than its activations: that is why VQT is memory-efficient. Running the block
-on T + n tokens with autograd kept the whole block's activations at every layer (on ViT-B/16 at
-batch 16 x 197, 74% of LoRA's training memory).
+below. When nothing below or inside the block trains, the block runs on its T + n tokens without
+autograd and the queries' outputs are recomputed in backward (QueryPass), so training keeps each
+query block's input (B, T, h) rather than its activations: that is why VQT is memory-efficient.
+With autograd on, the block kept its whole activations at every query layer (on ViT-B/16 at batch
+16 x 197, 74% of LoRA's training memory); that direct pass remains for structures that train
+below or inside a query block, whose memory the model then underestimates.
 
 Works through hooks on the block (no edit of the model's source) for encoder stacks of models
 with a pooled classification head (BERT / RoBERTa, ViT) with eager or SDPA attention.
