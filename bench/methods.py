@@ -19,13 +19,17 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from petlsearch.plugins import create_plugin
-from petlsearch.runners.trainer import freeze_backbone, head_parameters, seed_everything
+from petlsearch.runners.trainer import (ParamGroup, TrainConfig, freeze_backbone, head_parameters, recipe_groups,
+                                        seed_everything)
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.graph import ModelGraph
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin, Site
 
 PEFT_KINDS = ("lora", "ia3", "prompt_tuning")
+# the baseline's rate, as BERT's fine-tuning (Devlin et al., 2019: 2e-5 to 5e-5)
+FULL_FINETUNING = Recipe(lr=5e-5, source="Devlin et al., BERT, NAACL 2019: fine-tuning at 2e-5 to 5e-5")
 PREPARE_BATCHES = 8  # as runners.trial: batches a data-driven plugin may look at
 
 
@@ -39,6 +43,7 @@ class Prepared:
     head: list[nn.Parameter]
     placements: list[tuple[Plugin, Site, dict[str, Any]]] = field(default_factory=list)
     modules: list[nn.Module] = field(default_factory=list)
+    recipe: Recipe | None = None  # how `params` train (None: nothing besides the head)
 
     @property
     def trainable(self) -> int:
@@ -46,9 +51,12 @@ class Prepared:
         head = {id(p) for p in self.head}
         return sum(p.numel() for p in _unique(self.params) if id(p) not in head)
 
-    def groups(self, lr: float, head_lr: float) -> list[tuple[list[nn.Parameter], float]]:
+    def groups(self, cfg: TrainConfig) -> list[ParamGroup]:
+        """The method's parameters at its recipe (scaled or replaced as `cfg` says), the head's."""
         head = {id(p) for p in self.head}
-        return [([p for p in _unique(self.params) if id(p) not in head], lr), (_unique(self.head), head_lr)]
+        own = [p for p in _unique(self.params) if id(p) not in head]
+        recipes = {self.name: self.recipe} if self.recipe is not None else {}
+        return recipe_groups({self.name: own} if own else {}, recipes, _unique(self.head), cfg)
 
     def all_params(self) -> list[nn.Parameter]:
         return _unique([*self.params, *self.head])
@@ -107,14 +115,15 @@ def apply_plugin(model: nn.Module, name: str, batches: Iterable[dict[str, Any]] 
         params.extend(p for p in module.parameters() if p.requires_grad)
         placements.append((plugin, site, cfg))
         modules.append(module)
-    return Prepared(name, model, params, _head(model, graph), placements, modules)
+    return Prepared(name, model, params, _head(model, graph), placements, modules, plugin.recipe)
 
 
 def full_finetuning(model: nn.Module) -> Prepared:
     graph = ModelGraph.from_model(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    return Prepared("full fine-tuning", model, list(model.parameters()), head_parameters(model, graph))
+    return Prepared("full fine-tuning", model, list(model.parameters()), head_parameters(model, graph),
+                    recipe=FULL_FINETUNING)
 
 
 def head_only(model: nn.Module) -> Prepared:
@@ -156,4 +165,5 @@ def apply_peft(model: nn.Module, kind: str, roles: Sequence[str] | None = None, 
             p.requires_grad_(True)
     trainable = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]
     head = [p for n, p in trainable if any(h in n for h in head_paths)]
-    return Prepared(f"peft {kind}", wrapped, [p for _, p in trainable], head)
+    # peft's method trains at the recipe of our plugin of the same name: a difference is the implementation's
+    return Prepared(f"peft {kind}", wrapped, [p for _, p in trainable], head, recipe=create_plugin(kind).recipe)

@@ -4,8 +4,8 @@ For each budget (0.01%, 0.1%, 1% of the backbone) and strategy (random, optuna, 
 whole pipeline (petlsearch.runners.search.search) searches the default space (LoRA, adapters,
 parallel adapters, BitFit, IA3) on MiniLM / Rotten Tomatoes and retrains the found structure;
 every strategy gets the same number of training steps (trials x steps per trial; S3PET's
-supernet gets (trials - 1) x steps and its final structure one trial), all at a learning rate of
-1e-3 for the modules (1e-2 for the head). Beside them: the best of
+supernet gets (trials - 1) x steps and its final structure one trial), each plugin's modules at
+its recipe (`Plugin.recipe`), as the CLI trains them. Beside them: the best of
 the hand-made structures that fit each budget (LoRA on q and v, LoRA on every projection,
 Houlsby adapters, IA3, BitFit, each at the largest uniform size that fits, in the top layers when
 the whole model does not), picked on the validation split, and full fine-tuning. S3PET, the
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 NAME = "search"
 TITLE = "Search: accuracy vs budget per strategy at equal compute"
 PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
-# the modules' learning rate: at the CLI's 1e-2 (tuned on one small placement) structures that span
-# every layer stay at the majority class in 100 steps (LoRA q,v at 0.1%, seed 0: 0.578 test accuracy
-# at 1e-2, 0.717 at 1e-3), and so did most searches and hand-made designs at 0.1% and 1%
-LR = 1e-3
 HAND_MADE = (("LoRA q,v", "lora", ("attn.q", "attn.v")), ("BitFit", "bitfit", None),
              ("Houlsby adapter", "adapter", None), ("IA3", "ia3", None))
 # S3PET, the hand-made design picked on validation and full fine-tuning run 3 seeds: one seed's
@@ -137,8 +133,8 @@ def full_ft(task: Any, final: Any, seed: int = 0) -> dict[str, Any]:
     from petlsearch.runners.trainer import evaluate, train
 
     prep = M.full_finetuning(task.make_model())
-    cfg = replace(final, lr=5e-5, seed=seed)
-    result = train(prep.model, task, prep.groups(cfg.lr, final.head_lr), cfg)
+    cfg = replace(final, seed=seed)
+    result = train(prep.model, task, prep.groups(cfg), cfg)
     test = evaluate(prep.model, task, "test")["accuracy"]
     return {"params": prep.trainable, "val": result.val["accuracy"], "test": test, "seconds": result.seconds,
             "step_s": result.step_seconds}
@@ -170,9 +166,9 @@ def run(opts: Options) -> Report:
     trials = opts.pick(2, 6, opts.trials)
     per_trial = opts.pick(2, 20, opts.steps)
     batch = 16
-    fidelity = TrainConfig(steps=per_trial, batch_size=batch, lr=LR, eval_every=opts.pick(0, 10),
+    fidelity = TrainConfig(steps=per_trial, batch_size=batch, eval_every=opts.pick(0, 10),
                            max_eval_examples=256, device="cpu")
-    final = TrainConfig(steps=opts.pick(3, 100), batch_size=batch, lr=LR, max_eval_examples=512, device="cpu")
+    final = TrainConfig(steps=opts.pick(3, 100), batch_size=batch, max_eval_examples=512, device="cpu")
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)

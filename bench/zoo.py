@@ -4,10 +4,9 @@ Each plugin at its default size (all of its sites, default config), full fine-tu
 alone, LoRA of rank 1 on q and v (VQT's size, for the issue's size-matched comparison), and
 Hugging Face peft's LoRA, IA3 (on the same modules as ours) and prompt tuning (20 tokens, as
 ours) train on the same splits, for the same steps, with the same seeds (batch 16, AdamW, linear
-decay; learning rate 1e-3 for the PETL modules, 3e-2 for methods that train prompt tokens (their
-papers use far larger rates than for weights), 1e-2 for the new head (1e-3 beside a side
-network, which trains with its head at one rate, as in the LST paper), 5e-5 for full
-fine-tuning; validation on 512 examples, test on the whole split). Reported:
+decay; each method at its plugin's recipe (`Plugin.recipe`, peft's methods at the recipe of our
+plugin of the same name), the new head at the recipe's head rate (1e-2 unless declared), full
+fine-tuning at 5e-5; validation on 512 examples, test on the whole split). Reported:
 trainable parameters (% of the backbone, head excluded), test accuracy (mean and standard
 deviation over seeds), the median step time and the measured training memory (one step,
 petlsearch.searchspace.memory.measure), both as ratios to full fine-tuning's. Expensive: the full
@@ -31,15 +30,6 @@ from bench.tasks import minilm_task, tiny_task
 log = logging.getLogger(__name__)
 NAME = "zoo"
 TITLE = "Zoo: every plugin trained on MiniLM / Rotten Tomatoes"
-# 1e-2 for every module (the CLI's default, tuned for a few small placements) made adapters, BitFit,
-# FISH and DSEE at every site collapse to the majority class in 100 steps; 1e-3 does not
-PETL_LR, PROMPT_LR, FULL_LR, HEAD_LR = 1e-3, 3e-2, 5e-5, 1e-2
-PROMPT_KINDS = {"tokens"}
-# a side network and the head train at one rate, as in the LST paper: a head at 1e-2 fits the frozen
-# backbone's features before the side network's zero-initialised output adds anything, and then
-# stays near the majority class (LST, seed 0: 0.617 validation accuracy at a head rate of 1e-2,
-# 0.732 at 1e-3)
-SIDE_KINDS = {"side"}
 EVAL_EXAMPLES = 512  # validation only; the test split is always whole
 QUICK_PLUGINS = ("lora", "bitfit")
 # the issue compares LST and VQT with LoRA at a similar parameter count: LoRA at its default size
@@ -66,19 +56,14 @@ def method_table(quick: bool) -> dict[str, Callable[[Any, Any], M.Prepared]]:
     return out
 
 
-def learning_rates(label: str) -> tuple[float, float]:
-    """(the method's learning rate, the head's)."""
+def recipe_of(label: str) -> dict[str, Any] | None:
+    """The recipe a method trains at (part of its runs' keys: a new recipe is a new run)."""
     from petlsearch.plugins import create_plugin, list_plugins
 
     if label == FULL:
-        return FULL_LR, HEAD_LR
-    name = label.removeprefix("peft ")
-    kinds = set(create_plugin(name).kinds) if name in list_plugins() else set()
-    if PROMPT_KINDS & kinds:
-        return PROMPT_LR, HEAD_LR
-    if SIDE_KINDS & kinds:
-        return PETL_LR, PETL_LR
-    return PETL_LR, HEAD_LR
+        return M.FULL_FINETUNING.to_dict()
+    name = label.split()[0] if label.split()[0] in list_plugins() else label.removeprefix("peft ")
+    return create_plugin(name).recipe.to_dict() if name in list_plugins() else None
 
 
 def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, with_memory: bool) -> dict[str, Any]:
@@ -91,7 +76,7 @@ def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, w
     if with_memory:
         batch = next(task.batches("train", cfg.batch_size, seed=cfg.seed))
         memory = measure(copy.deepcopy(prep.model), batch).total
-    result = train(prep.model, task, prep.groups(cfg.lr, cfg.head_lr), cfg)
+    result = train(prep.model, task, prep.groups(cfg), cfg)
     test = evaluate(prep.model, task, "test")
     return {"trainable": prep.trainable, "head": sum(p.numel() for p in prep.head), "val": result.val["accuracy"],
             "test": test["accuracy"], "step_s": result.step_seconds, "memory": memory}
@@ -111,11 +96,10 @@ def run(opts: Options) -> Report:
     failed: dict[str, str] = {}
     methods = list(method_table(opts.quick).items())
     for label, setup in reversed(methods) if opts.reverse else methods:
-        lr, head_lr = learning_rates(label)
         for seed in range(seeds):
-            cfg = TrainConfig(steps=steps, batch_size=batch, lr=lr, head_lr=head_lr, seed=seed, device="cpu",
-                              max_eval_examples=EVAL_EXAMPLES)
-            key = RunLog.key(method=label, task=task.name, model=task.model_name, **cfg.to_dict())
+            cfg = TrainConfig(steps=steps, batch_size=batch, seed=seed, device="cpu", max_eval_examples=EVAL_EXAMPLES)
+            key = RunLog.key(method=label, task=task.name, model=task.model_name, recipe=recipe_of(label),
+                             **cfg.to_dict())
             try:
                 row = journal.run(key, lambda: train_method(task, setup, cfg, with_memory=seed == 0))
                 log.info("zoo: %s seed %d: %s", label, seed, row)

@@ -51,37 +51,80 @@ def _load_extra_plugins(specs: Sequence[str] | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- commands
+def _rate(text: str | None) -> dict[str, float]:
+    """--lr: '3x' scales every plugin's recipe, '1e-3' is one absolute rate for every module."""
+    if text is None:
+        return {}
+    value = text.strip().lower()
+    scale = value.endswith("x")
+    try:
+        number = float(value[:-1] if scale else value)
+    except ValueError:
+        number = float("nan")
+    if not (number > 0 and number < float("inf")):
+        raise PetlsearchError(f"cannot read the learning rate {text!r}; use a scale of the plugins' recipes "
+                              "('3x', '0.5x') or one absolute rate ('1e-3')")
+    return {"lr_scale": number} if scale else {"lr": number, "lr_scale": 1.0}
+
+
+def _training(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields the training flags set (only those given)."""
+    out: dict[str, Any] = dict(_rate(args.lr))
+    if args.head_lr is not None:
+        if not args.head_lr > 0:
+            raise PetlsearchError(f"--head-lr must be a positive rate, got {args.head_lr}")
+        out["head_lr"] = args.head_lr
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise PetlsearchError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        out["batch_size"] = args.batch_size
+    if args.device is not None:
+        out["device"] = _device(args.device)
+    return out
+
+
+def _device(name: str) -> str:
+    import re
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+        raise PetlsearchError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
+def _max_length(args: argparse.Namespace) -> int | None:
+    if args.max_length is not None and args.max_length < 2:
+        raise PetlsearchError(f"--max-length must be at least 2 tokens, got {args.max_length}")
+    return args.max_length
+
+
 def cmd_search(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from rich.progress import Progress
 
-    from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY as FINAL, search
+    from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY, SEARCH_FIDELITY, search
 
     console = _console()
     plugins = (_csv(args.plugins) or list(DEFAULT_PLUGINS)) + _load_extra_plugins(args.plugin)
     options = _options(args.option)
     if args.address:
         options["address"] = args.address
-    fidelity = final = None
-    if args.steps or args.final_steps:
-        from dataclasses import replace
-
-        from petlsearch.runners.search import FINAL_FIDELITY, SEARCH_FIDELITY
-
-        fidelity = replace(SEARCH_FIDELITY, steps=args.steps or SEARCH_FIDELITY.steps, seed=args.seed)
-        final = replace(FINAL_FIDELITY, steps=args.final_steps or FINAL_FIDELITY.steps, seed=args.seed)
+    training = _training(args)
+    fidelity = replace(SEARCH_FIDELITY, steps=args.steps or SEARCH_FIDELITY.steps, seed=args.seed, **training)
+    final = replace(FINAL_FIDELITY, steps=args.final_steps or FINAL_FIDELITY.steps, seed=args.seed, **training)
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task(f"{args.strategy} search", total=args.trials if args.strategy != "s3pet" else None)
         final_bar: list[Any] = []
 
         def say(msg: str) -> None:
-            console.print(msg)
+            console.print(f"[yellow]{msg}[/yellow]" if msg.startswith("warning: ") else msg, highlight=False)
             if msg.startswith("trial "):
                 progress.advance(bar)
 
         def final_step(advance: int = 1) -> None:
             if not final_bar:
                 progress.update(bar, visible=False)
-                final_bar.append(progress.add_task("final training", total=(final or FINAL).steps))
+                final_bar.append(progress.add_task("final training", total=final.steps))
             progress.advance(final_bar[0], advance)
 
         result = search(model=args.model, task=args.task, budget=args.budget, memory_budget=args.memory_budget,
@@ -89,23 +132,26 @@ def cmd_search(args: argparse.Namespace) -> int:
                         resume=args.resume, seed=args.seed, include_head=args.include_head,
                         roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
                         fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
-                        strategy_options=options, on_final_step=final_step)
+                        strategy_options=options, on_final_step=final_step, max_length=_max_length(args),
+                        run_config=_run_config(args))
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "
                   f"({100 * res['trainable_params'] / res['backbone_params']:.4f}% of the backbone, "
                   f"+{res['head_params']:,} head); test {res['metric']} {res['test'].get(res['metric'], float('nan')):.4f}")
     if result.out_dir:
-        console.print(f"run folder: {result.out_dir} (structure.yaml, weights.safetensors, report.json, *.png)")
+        console.print(f"run folder: {result.out_dir} (structure.yaml, weights.safetensors, report.json, run.yaml, "
+                      "*.png)")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from petlsearch.plugins.registry import create_plugin
     from petlsearch.runners.search import FINAL_FIDELITY
     from petlsearch.runners.tasks import get_task
+    from petlsearch.runners.trainer import TrainConfig
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.structure import Structure
@@ -113,11 +159,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = _console()
     _load_extra_plugins(args.plugin)
     structure = Structure.load(args.structure)
-    task = get_task(args.task, args.model, seed=args.seed)
+    recorded = dict(structure.train)  # how the search trained it: the learning-rate scale it found, ...
+    max_length = _max_length(args) or recorded.pop("max_length", None)
+    recorded.pop("max_length", None)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(recorded) - known)
+    if unknown:
+        raise PetlsearchError(f"{args.structure}: train section has unknown setting(s) {unknown}; "
+                              f"valid: {sorted(known)}")
+    task = get_task(args.task, args.model, seed=args.seed, **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
     plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
     structure.resolve(graph, plugins, force=args.force)  # fail early, naming the site or the backbone
-    cfg = replace(FINAL_FIDELITY, steps=args.steps or FINAL_FIDELITY.steps, seed=args.seed)
+    cfg = replace(FINAL_FIDELITY, **recorded)
+    cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps else {}), **_training(args))
     out = args.weights or str(args.structure).rsplit(".", 1)[0] + ".safetensors"
     outcome = run_trial(task, structure.placements, plugins, cfg, test=True, weights_path=out)
     console.print(f"{outcome.params:,} trainable parameters (+{outcome.head_params:,} head); "
@@ -213,6 +268,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lr", help="learning rate: a scale of every plugin's recipe ('3x', '0.3x'), or one absolute "
+                   "rate for every module ('1e-3'); given, the search does not search it")
+    p.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: the recipes', "
+                   "else 1e-2)")
+    p.add_argument("--batch-size", type=int, help="examples per training step (default 16)")
+    p.add_argument("--max-length", type=int, help="tokens per text example (default 64)")
+    p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda, cuda:N, mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="petlsearch", description="Search the best parameter-efficient "
                                      "fine-tuning structure for a frozen pretrained model under a budget.")
@@ -221,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="search a structure under a budget, retrain it, write a run folder")
+    parser.set_defaults(search_parser=s)
     s.add_argument("--budget", default="0.01%", help="trainable parameters: '0.01%%', '1e-4', '25k', '1.2M'")
     s.add_argument("--memory-budget", help="training memory: '2GiB', '500MB'")
     s.add_argument("--include-head", action="store_true", help="count the task head against the budget")
@@ -241,16 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="strategy option, e.g. objectives=[score,params] (optuna), steps=300 (s3pet)")
     s.add_argument("--address", help="ray: address of an existing Ray cluster (default: a local Ray)")
     s.add_argument("--seed", type=int, default=0)
+    _training_flags(s)
     s.add_argument("--out", default="runs/latest", help="run folder")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--config", help="YAML file of search options under the flags' names (a run folder's "
+                   "run.yaml repeats that run); flags given as well override it")
     s.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="retrain and evaluate a structure file; save its weights")
     t.add_argument("structure")
     t.add_argument("--model")
     t.add_argument("--task", default="rotten_tomatoes")
-    t.add_argument("--steps", type=int)
+    t.add_argument("--steps", type=int, help="training steps (default: the structure's train section, else 250)")
     t.add_argument("--seed", type=int, default=0)
+    _training_flags(t)
     t.add_argument("--weights", help="where to write the trained weights (.safetensors)")
     t.add_argument("--force", action="store_true", help="apply to a backbone with another fingerprint")
     t.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
@@ -280,8 +350,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------------------- config files
+NOT_IN_CONFIG = ("config", "resume", "help")  # a config says what to run, not whether to continue it
+
+
+def _config_actions(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in NOT_IN_CONFIG}
+
+
+def _config_tokens(path: str, sub: argparse.ArgumentParser) -> list[str]:
+    """The flags a --config YAML file stands for (keys: the flags' names, with - or _)."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise PetlsearchError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise PetlsearchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise PetlsearchError(f"{path}: a config file is a mapping of option names to values")
+    actions = _config_actions(sub)
+    tokens: list[str] = []
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            from petlsearch.errors import did_you_mean
+
+            names = [d.replace("_", "-") for d in actions]
+            raise PetlsearchError(f"{path}: unknown option '{key}'{did_you_mean(str(key).replace('_', '-'), names)}; "
+                                  f"valid: {', '.join(names)}")
+        tokens += _flag_tokens(path, key, value, action)
+    return tokens
+
+
+def _flag_tokens(path: str, key: str, value: Any, action: argparse.Action) -> list[str]:
+    flag = action.option_strings[-1]
+    if value is None:
+        return []
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise PetlsearchError(f"{path}: option '{key}' is a switch: true or false, got {value!r}")
+        return [flag] if value else []
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        if isinstance(value, dict):  # option: {objectives: [score, params]}
+            items = [f"{k}={_yaml_scalar(v)}" for k, v in value.items()]
+        return [t for item in items for t in (flag, str(item))]
+    if isinstance(value, list):  # plugins: [lora, bitfit]
+        return [flag, ",".join(str(v) for v in value)]
+    if isinstance(value, dict):
+        raise PetlsearchError(f"{path}: option '{key}' takes one value, got a mapping")
+    return [flag, str(value)]
+
+
+def _yaml_scalar(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Every search option of this run under the flags' names: written to the run folder as run.yaml,
+    from which `petlsearch search --config` repeats the run."""
+    actions = _config_actions(args.search_parser)
+    return {dest.replace("_", "-"): getattr(args, dest) for dest in actions}
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with a search's --config file read in front of the flags given with it."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        at = argv.index(args.command) + 1
+        tokens = _config_tokens(args.config, args.search_parser)
+        args = parser.parse_args(argv[:at] + tokens + argv[at:])
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except PetlsearchError as exc:
+        print(f"petlsearch: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import BatchShape, ParallelDelta, Plugin, SequentialDelta, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.sites import sublayer_sites
@@ -66,6 +67,9 @@ class HoulsbyAdapter(Plugin):
     description = "Bottleneck adapter after the attention and FFN sublayers (sequential)"
     paper = "Houlsby et al., Parameter-Efficient Transfer Learning for NLP, ICML 2019"
     kinds = ("sequential",)
+    recipe = Recipe(lr=1e-3, source=(
+        "Houlsby et al. tune 3e-5..3e-3; 1e-3 at every site of MiniLM, 100 steps: 0.717 test accuracy over 3 "
+        "seeds, where 1e-2 stayed at the majority class (python -m bench --only zoo)"))
     module_class: type[nn.Module] = SequentialAdapter
 
     def __init__(self, sublayers: tuple[str, ...] = ("attn", "xattn", "ffn"), max_bottleneck: int = 256) -> None:
@@ -106,6 +110,9 @@ class ParallelAdapter(HoulsbyAdapter):
     description = "Bottleneck adapter in parallel to a sublayer, output scaled by s (unified view)"
     paper = "He et al., Towards a Unified View of Parameter-Efficient Transfer Learning, ICLR 2022"
     kinds = ("parallel",)
+    recipe = Recipe(lr=1e-3, source=(
+        "as Houlsby adapters: 1e-3 at every site of MiniLM, 100 steps (python -m bench --only zoo); He et al."
+        " use 1e-4..5e-4 over epochs"))
     module_class = ParallelAdapterModule
 
     @staticmethod

@@ -36,6 +36,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.recipe import DEFAULT_RECIPE, Recipe
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -371,6 +372,8 @@ class Plugin:
     Required: `name`, `kinds`, `sites`, `dims`, `count`, `build`. Optional hooks default to
     doing nothing: `prepare` (data-driven plugins, called once before the first `attach`),
     `activation_elements` (for the memory model), and `mergeable` modules implement `merge`.
+    `recipe` says how the modules train (their learning rate, with its source); a plugin that
+    declares none trains at DEFAULT_RECIPE.
     """
 
     name: ClassVar[str] = ""
@@ -380,6 +383,7 @@ class Plugin:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True  # a fresh module leaves the model's outputs unchanged
     needs_data: ClassVar[bool] = False  # True: call prepare(model, batches) before attach
+    recipe: ClassVar[Recipe] = DEFAULT_RECIPE
 
     def sites(self, graph: ModelGraph) -> list[Site]:
         """Every site of `graph` this method can act on."""

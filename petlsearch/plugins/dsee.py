@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
 from petlsearch.plugins.dims import Dim, IntDim
@@ -98,6 +99,8 @@ class DSEE(Plugin):
     description = "Low-rank update U V plus a sparse update S on a chosen support"
     paper = "Chen et al., DSEE: Dually Sparsity-embedded Efficient Tuning of Pre-trained Language Models, ACL 2023"
     kinds = ("weight",)
+    recipe = Recipe(lr=1e-3, source=(
+        "1e-3 on MiniLM, 100 steps: 0.757 test accuracy over 3 seeds (python -m bench --only zoo)"))
     mergeable = True
 
     def __init__(self, roles: tuple[str, ...] = PROJECTIONS, max_rank: int = 64, max_sparse: int = 4096,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, WeightDelta
 from petlsearch.plugins.dims import Dim, IntDim
@@ -153,6 +154,9 @@ class FishMask(Plugin):
     description = "Train the k weight entries with the largest empirical Fisher information"
     paper = "Sung et al., Training Neural Networks with Fixed Sparse Masks, NeurIPS 2021"
     kinds = ("weight",)
+    recipe = Recipe(lr=1e-3, source=(
+        "1e-3 on MiniLM, 100 steps: 0.690 test accuracy over 3 seeds (python -m bench --only zoo); Sung et "
+        "al. fine-tune at full fine-tuning's rates over epochs"))
     mergeable = True
     needs_data = True
 

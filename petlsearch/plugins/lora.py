@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
 from petlsearch.plugins.dims import Dim, FloatDim, IntDim
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
@@ -60,6 +61,10 @@ class LoRA(Plugin):
     description = "Low-rank update B A added to a frozen projection's output"
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022"
     kinds = ("weight",)
+    recipe = Recipe(lr=1e-3, source=(
+        "Hu et al. use 4e-4..5e-4 on RoBERTa-base over 60 epochs; 1e-3 on every projection of MiniLM, 100 "
+        "steps: 0.762 test accuracy over 3 seeds, 1e-2 stayed at the majority class (python -m bench --only "
+        "zoo)"))
     mergeable = True
 
     def __init__(self, roles: tuple[str, ...] = PROJECTIONS + ("pool", "conv"), max_rank: int = 64) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import SequentialAdapter, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, cached_length
@@ -140,6 +141,9 @@ class Magma(Plugin):
     paper = ("Eichenberg et al., MAGMA: Multimodal Augmentation of Generative Models through "
              "Adapter-based Finetuning, Findings of EMNLP 2022")
     kinds = ("tokens", "sequential")
+    recipe = Recipe(lr=8e-4, source=(
+        "Eichenberg et al. train MAGMA's adapters and image prefix at 8e-4 (not measured here: no image-text "
+        "decoder installs offline)"))
     identity_at_init = False  # the image prefix conditions the LM from the start (adapters are identity)
 
     def __init__(self, image_dim: int = 768, encoder: nn.Module | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins import prefix_tuning as pt
 from petlsearch.plugins.adapter import ACTIVATIONS, ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
@@ -25,6 +26,9 @@ class MAMAdapter(pt.PrefixSharing, Plugin):
     description = "Prefix tuning on attention + scaled parallel adapter on the FFN (Mix-And-Match)"
     paper = "He et al., Towards a Unified View of Parameter-Efficient Transfer Learning, ICLR 2022"
     kinds = ("kv_prefix", "parallel")
+    recipe = Recipe(lr=1e-4, source=(
+        "He et al. train at 5e-5..1e-4 (their prefix through its MLP); on MiniLM in 100 steps 1e-4..1e-3 stay"
+        " at the majority class (python -m bench --only recipes)"))
     identity_at_init = False  # the prefix part changes attention from the start; the adapter part does not
 
     def __init__(self, prefix_length: int = 30, mlp_hidden: int = 800, bottleneck: int = 512,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins._attention import KVPrefix
 from petlsearch.plugins.base import BatchShape, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
@@ -142,6 +143,9 @@ class PrefixTuning(Plugin):
     description = "Learned keys/values prepended to every attention, trained through an MLP"
     paper = "Li & Liang, Prefix-Tuning: Optimizing Continuous Prompts for Generation, ACL 2021"
     kinds = ("kv_prefix",)
+    recipe = Recipe(lr=3e-4, source=(
+        "Li & Liang use 5e-5..8e-5 over epochs; swept 3e-4..3e-3 on MiniLM, 100 steps, seed 0: 3e-4 best "
+        "(0.672 validation accuracy; 1e-3: 0.611) (python -m bench --only recipes)"))
     identity_at_init = False
 
     def __init__(self, roles: tuple[str, ...] = ("attn", "xattn"), max_length: int = 256) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
 from petlsearch.plugins.context import extras
@@ -84,6 +85,8 @@ class STAdapter(Plugin):
     description = "Spatio-temporal adapter (depth-wise 3D conv in a bottleneck) for video on image ViTs"
     paper = "Pan et al., ST-Adapter: Parameter-Efficient Image-to-Video Transfer Learning, NeurIPS 2022"
     kinds = ("sequential",)
+    recipe = Recipe(lr=1e-3, source=(
+        "Pan et al. train ST-Adapters at 1e-3 (video, not measured here: no video backbone installs offline)"))
 
     def __init__(self, frames: int | None = None, prefix_tokens: int = 1, max_bottleneck: int = 384,
                  stacks: tuple[str, ...] = ("vision",)) -> None:

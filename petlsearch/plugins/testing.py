@@ -102,6 +102,20 @@ def check_registration(plugin: Plugin, family: str) -> None:
     validate(type(plugin))
 
 
+def check_recipe(plugin: Plugin, family: str) -> None:
+    """The declared recipe (how the modules train) is a Recipe with positive finite rates, a weight
+    decay >= 0 and a source; a plugin that declares none has DEFAULT_RECIPE, which passes."""
+    from petlsearch.searchspace.recipe import Recipe
+
+    recipe = plugin.recipe
+    if not isinstance(recipe, Recipe):
+        _fail(plugin, "check_recipe", family, f"recipe is {recipe!r}; declare a petlsearch.searchspace.recipe.Recipe")
+    try:
+        recipe.check(plugin.name)
+    except Exception as exc:
+        _fail(plugin, "check_recipe", family, str(exc))
+
+
 def check_sites(plugin: Plugin, family: str) -> None:
     """Sites are of the plugin's kinds and have unique keys."""
     _, graph, _, _ = _setup(plugin, family)
@@ -246,7 +260,7 @@ def check_meta_count(plugin: Plugin, family: str) -> None:
 
 
 CHECKS: dict[str, Callable[[Plugin, str], None]] = {
-    f.__name__: f for f in (check_registration, check_sites, check_count_exact, check_identity_at_init,
+    f.__name__: f for f in (check_registration, check_recipe, check_sites, check_count_exact, check_identity_at_init,
                             check_gate_zero, check_detach, check_state_roundtrip, check_merge, check_meta_count)
 }
 
@@ -295,6 +309,9 @@ class PluginConformance:
 
     def test_registration(self, plugin: Plugin) -> None:
         self._each(plugin, "check_registration")
+
+    def test_recipe(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_recipe")
 
     def test_sites(self, plugin: Plugin) -> None:
         self._each(plugin, "check_sites")

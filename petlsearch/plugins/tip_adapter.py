@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
@@ -60,6 +61,7 @@ class TipAdapter(Plugin):
     description = "Training-free few-shot cache model (keys = features, values = labels) beside the head"
     paper = "Zhang et al., Tip-Adapter: Training-free Adaption of CLIP for Few-shot Classification, ECCV 2022"
     kinds = ("head",)
+    recipe = Recipe(lr=1e-3, source="Zhang et al. fine-tune the cache keys (Tip-Adapter-F) at 1e-3")
     identity_at_init = False  # the cache changes the logits from the start: that is the method
     needs_data = True
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, SequentialDelta, Site
@@ -76,6 +77,9 @@ class SharedAdapter(Plugin):
     paper = ("Sung et al., VL-Adapter: Parameter-Efficient Transfer Learning for Vision-and-Language "
              "Tasks, CVPR 2022")
     kinds = ("sequential",)
+    recipe = Recipe(lr=1e-3, source=(
+        "as Houlsby adapters: 1e-3 on MiniLM, 100 steps: 0.715 test accuracy over 3 seeds (python -m bench "
+        "--only zoo)"))
 
     def __init__(self, tasks: tuple[str, ...] = (), sublayers: tuple[str, ...] = ("attn", "xattn", "ffn"),
                  max_bottleneck: int = 256, activation: str = "relu") -> None:

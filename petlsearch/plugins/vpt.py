@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins._tokens import TokenModule, layer_sites, token_activations
 from petlsearch.plugins.base import BatchShape, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
@@ -57,6 +58,9 @@ class VisualPromptTuning(Plugin):
     description = "Learnable tokens after [CLS] at the input of chosen layers (VPT shallow / deep)"
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
     kinds = ("tokens",)
+    recipe = Recipe(lr=3e-2, source=(
+        "Jia et al. sweep the base rate per task; on MiniLM, 100 steps, seed 0: 3e-2 (0.633 validation "
+        "accuracy) above 0.1 and 0.3 (0.611) (python -m bench --only recipes, python -m bench --only zoo)"))
     identity_at_init = False  # inserted tokens are attended to from the start
 
     def __init__(self, max_length: int = 200) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
 from petlsearch.plugins.dims import Dim, IntDim
@@ -192,6 +193,9 @@ class VisualQueryTuning(Plugin):
     paper = ("Tu et al., Visual Query Tuning: Towards Effective Usage of Intermediate Representations "
              "for Parameter and Memory Efficient Transfer Learning, CVPR 2023")
     kinds = ("query",)
+    recipe = Recipe(lr=1e-3, source=(
+        "1e-3 on MiniLM, 100 steps: 0.732 test accuracy over 3 seeds; seed 0 at 3e-3: 0.742 validation "
+        "accuracy, at 1e-3: 0.764 (python -m bench --only zoo, python -m bench --only recipes)"))
 
     def __init__(self, max_queries: int = 64) -> None:
         self.max_queries = max_queries

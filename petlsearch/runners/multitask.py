@@ -91,6 +91,10 @@ class MultiTask(Task):
             name = names[rng.choice(len(names), p=sizes / sizes.sum())]
             yield {**next(streams[name]), "task": name}
 
+    def majority_score(self, split: str = "test") -> float | None:
+        """The mean over tasks of each task's majority-class score, as `evaluate` means its metric."""
+        return float(np.mean([t.majority_score(split) for t in self.tasks.values()]))
+
     def evaluate(self, model: nn.Module, split: str = "val", batch_size: int = 64, max_examples: int | None = None,
                  device: Any = None) -> dict[str, float]:
         """Per-task metrics (`<task>/accuracy`) and their mean as the mixture's score."""

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,18 @@ from petlsearch.plugins.base import BatchShape
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
 from petlsearch.runners.trainer import TrainConfig
-from petlsearch.runners.trial import TrialOutcome, run_trial
+from petlsearch.runners.trial import TrialOutcome, beats, run_trial, trivial_baselines
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Structure
-from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
+from petlsearch.strategies.base import LR_SCALES, SearchContext, SearchResult, TrialRecord, get_strategy
 
 log = logging.getLogger(__name__)
 DEFAULT_PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
 # Sized so that the default run (MiniLM, Rotten Tomatoes, 4 trials) finishes within 10 minutes on
 # 2 CPU cores: a MiniLM training step at batch 16 costs about 0.8 s there.
-SEARCH_FIDELITY = TrainConfig(steps=30, batch_size=16, eval_every=15, max_eval_examples=256)
+SEARCH_FIDELITY = TrainConfig(steps=30, batch_size=16, eval_every=15, max_eval_examples=512)
 FINAL_FIDELITY = TrainConfig(steps=250, batch_size=16, eval_every=0)
 
 
@@ -48,25 +48,42 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
            include_head: bool = False, roles: Sequence[str] | None = None, layers: Sequence[int] | None = None,
            fidelity: TrainConfig | None = None, final: TrainConfig | None = None, timeout: float | None = None,
            strategy_options: dict[str, Any] | None = None, progress: Any = None,
-           on_final_step: Any = None) -> RunResult:
+           on_final_step: Any = None, search_lr: bool | None = None, max_length: int | None = None,
+           run_config: dict[str, Any] | None = None) -> RunResult:
     """Search a structure for `model` on `task` under `budget`, retrain it, and write the run folder.
 
+    Every module trains at its plugin's recipe; the black-box strategies (random, optuna, ray)
+    also search a learning-rate scale of the recipes (`search_lr`; by default unless `fidelity`
+    fixes the rate with `lr` or `lr_scale`), which the final retraining uses and the structure's
+    `train` section records. The final result is compared with the trivial baselines (majority
+    class, head only); a structure that does not beat them is reported as such.
     `progress(message)` receives one line per phase and trial; `on_final_step(advance=1)` is called
-    after each step of the final retraining (a progress bar's update).
+    after each step of the final retraining (a progress bar's update). `run_config` is written to the
+    run folder as run.yaml (the CLI's options, so that `petlsearch search --config` repeats the run).
 
     >>> result = petlsearch.search(budget="0.1%", strategy="random", trials=4)  # doctest: +SKIP
     >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
     """
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget, memory_budget, include_head)
     strat = get_strategy(strategy, **(strategy_options or {}))  # bad names fail before any loading
+    fidelity = fidelity or replace(SEARCH_FIDELITY, seed=seed)
+    final = final or replace(FINAL_FIDELITY, seed=seed)
+    if search_lr is None:
+        search_lr = fidelity.lr is None and fidelity.lr_scale == 1.0
     out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
                                          "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
-                                         "trials": trials, "seed": seed})
-    fidelity = fidelity or TrainConfig(**{**asdict(SEARCH_FIDELITY), "seed": seed})
-    final = final or TrainConfig(**{**asdict(FINAL_FIDELITY), "seed": seed})
+                                         "trials": trials, "seed": seed, "search_lr": search_lr}, run_config)
     say = progress or (lambda msg: log.info("%s", msg))
+
+    def warn(msg: str) -> None:
+        if progress is not None:
+            progress(f"warning: {msg}")
+        else:
+            log.warning("%s", msg)
+
     t0 = time.monotonic()
-    task = task if isinstance(task, Task) else get_task(task, model, seed=seed)
+    if not isinstance(task, Task):
+        task = get_task(task, model, seed=seed, **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
     space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
     limit = budget.max_params(space.backbone_params)
@@ -81,31 +98,70 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
         f"{budget.describe(space.backbone_params)}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
     shape = BatchShape(fidelity.batch_size, task.max_length)
 
-    def objective(placements: Any, report: Any) -> TrialOutcome:
-        return run_trial(task, placements, space.plugins, fidelity, report=report)
+    def objective(placements: Any, report: Any, train: dict[str, float] | None = None) -> TrialOutcome:
+        return run_trial(task, placements, space.plugins, with_train(fidelity, train), report=report)
 
-    ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say)
+    ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say,
+                        lr_scales=LR_SCALES if search_lr else None)
     found = strat.run(ctx)
     ctx.check_fits(found.best)  # never return an over-budget structure
-    say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters)")
+    if not distinguished(found.history):
+        warn(f"the search's {len(found.history)} trials all scored {found.history[0].score:.4f} ({task.metric}): "
+             "they could not tell structures apart (the best was picked by validation loss); give trials more "
+             "--steps, or another --lr")
+    final = with_train(final, found.train)
+    say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters"
+        + (f", lr x{final.lr_scale:.3g}" if found.train else "") + ")")
     weights = out_dir / "weights.safetensors" if out_dir else None
     outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights,
                         progress=on_final_step)
+    say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps")
+    baselines = trivial_baselines(task, final)
+    learned = beats(outcome.test, baselines, task.metric)
     result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
               "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
               "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
               "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
-              "train": final.to_dict()}
+              "baselines": baselines, "beats_baselines": learned}
     if budget.memory is not None:
         result["memory_estimate"] = space.memory(found.best, shape)
     structure = space.structure(found.best, budget, name=task.model_name, result=result)
+    structure.train = train_section(final, task.max_length)
     files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
-    say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
-        f"trainable parameters (+{outcome.head_params:,} head)")
+    test = outcome.test.get(task.metric, float("nan"))
+    say(f"test {task.metric} {test:.4f} with {result['trainable_params']:,} trainable parameters "
+        f"(+{outcome.head_params:,} head); " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
+    if not learned:
+        best = max(baselines, key=baselines.get)
+        warn(f"the structure's test {task.metric} {test:.4f} does not beat {best.replace('_', ' ')} "
+             f"({baselines[best]:.4f}): nothing was learned beyond the trivial baseline; try more --final-steps, "
+             "another --lr (e.g. --lr 3x or --lr 0.3x), or more --trials")
     return RunResult(found, structure, outcome, out_dir, files)
 
 
-def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any]) -> Path | None:
+def with_train(cfg: TrainConfig, train: dict[str, float] | None) -> TrainConfig:
+    """`cfg` with a trial's searched training settings applied (its lr_scale multiplies cfg's)."""
+    if not train:
+        return cfg
+    return replace(cfg, lr_scale=cfg.lr_scale * float(train.get("lr_scale", 1.0)))
+
+
+def train_section(cfg: TrainConfig, max_length: int) -> dict[str, Any]:
+    """What a structure file records of how it was trained, so that `petlsearch train` repeats it."""
+    keys = ("steps", "batch_size", "lr", "lr_scale", "head_lr", "weight_decay", "warmup")
+    return {**{k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}, "max_length": max_length}
+
+
+def distinguished(history: Sequence[TrialRecord]) -> bool:
+    """False when two or more trials completed and every one got the same score: the trials were too
+    short (or their evaluation too small) to rank the structures."""
+    scores = {r.score for r in history if r.status == "complete" and r.score is not None}
+    done = sum(1 for r in history if r.status == "complete")
+    return done < 2 or len(scores) > 1
+
+
+def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any],
+                 run_config: dict[str, Any] | None = None) -> Path | None:
     """Create the run folder; an existing one needs --resume and the same arguments (the number of
     trials may grow: resuming with more trials extends the search)."""
     if out is None:
@@ -122,6 +178,10 @@ def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any]) -> 
                 raise PetlsearchError(f"cannot resume {out}: arguments differ from the first run: {diff}")
     out.mkdir(parents=True, exist_ok=True)
     meta.write_text(json.dumps(args, indent=2, default=str))
+    if run_config is not None:
+        import yaml
+
+        (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     return out
 
 

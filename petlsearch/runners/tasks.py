@@ -153,6 +153,18 @@ class Task:
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         return metrics
 
+    def majority_score(self, split: str = "test") -> float | None:
+        """The task's metric on `split` of always predicting the training split's most common class
+        (the chance line a result is judged against); None for an LM task."""
+        if self.kind == "lm":
+            return None
+        import torch
+
+        majority = int(np.bincount(np.asarray(self.splits.y_train), minlength=self.num_labels).argmax())
+        _, labels = self.splits.split(split)
+        logits = torch.nn.functional.one_hot(torch.full((len(labels),), majority), self.num_labels).float()
+        return self.score(logits, torch.as_tensor(labels))[self.metric]
+
     def score(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Classification: accuracy and macro F1. LM (logits (B, T, V)): next-token accuracy."""
         from sklearn.metrics import f1_score

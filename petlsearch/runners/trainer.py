@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from petlsearch.runners.tasks import Task
+from petlsearch.searchspace.recipe import DEFAULT_RECIPE, HEAD_LR, Recipe
 
 if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph
@@ -29,11 +30,13 @@ class TrainConfig:
 
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "examples per step (before accumulation)"})
-    # 1e-2 measured better than 2e-3 for short PETL runs on MiniLM / Rotten Tomatoes (LoRA q,v on the
-    # last layer, 250 steps at batch 16: validation accuracy 0.789 vs 0.732)
-    lr: float = field(default=1e-2, metadata={"help": "learning rate of the PETL modules"})
-    head_lr: float = field(default=1e-2, metadata={"help": "learning rate of the task head"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr: float | None = field(default=None, metadata={"help": "one learning rate for every module instead of "
+                                                     "each plugin's recipe (None: the recipes)"})
+    lr_scale: float = field(default=1.0, metadata={"help": "multiplies the modules' learning rates"})
+    head_lr: float | None = field(default=None, metadata={"help": "learning rate of the task head (None: the "
+                                                          "recipes', else HEAD_LR)"})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay of the modules "
+                                                               "(None: each recipe's)"})
     warmup: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up"})
     grad_accum: int = field(default=1, metadata={"help": "batches per optimizer step"})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: at the end only)"})
@@ -46,6 +49,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ParamGroup:
+    """Parameters that train at one rate: one plugin's modules, the head, or a baseline's weights."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -98,9 +111,28 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = [{"params": ps, "lr": lr} for ps, lr in groups if ps]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def recipe_groups(by_plugin: dict[str, list[nn.Parameter]], recipes: dict[str, Recipe],
+                  head: list[nn.Parameter], cfg: TrainConfig) -> list[ParamGroup]:
+    """One group per plugin at its recipe's rate (or `cfg.lr`), times `cfg.lr_scale`, and the head's.
+
+    The head trains at `cfg.head_lr`, else the lowest head rate a recipe of the structure declares
+    (a side network trains with its head at one rate), else HEAD_LR; the scale leaves it alone.
+    """
+    groups = []
+    for name, params in by_plugin.items():
+        recipe = recipes.get(name, DEFAULT_RECIPE)
+        base = cfg.lr if cfg.lr is not None else recipe.lr
+        decay = cfg.weight_decay if cfg.weight_decay is not None else recipe.weight_decay
+        groups.append(ParamGroup(name, params, base * cfg.lr_scale, decay))
+    declared = [recipes[n].head_lr for n in by_plugin if n in recipes and recipes[n].head_lr is not None]
+    head_lr = cfg.head_lr if cfg.head_lr is not None else min(declared, default=HEAD_LR)
+    groups.append(ParamGroup("head", head, head_lr))
+    return groups
+
+
+def make_optimizer(groups: list[ParamGroup]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay}
+                              for g in groups if g.params])
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -123,10 +155,10 @@ def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int =
     return task.evaluate(model, split, batch_size, max_examples, device)
 
 
-def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], float]], cfg: TrainConfig,
+def train(model: nn.Module, task: Task, groups: list[ParamGroup], cfg: TrainConfig,
           report: Callable[..., bool] | None = None,
           after_step: Iterable[Callable[[int], None]] = (), progress: Any = None) -> TrainResult:
-    """Train `groups` ([(params, lr)]) of `model` on the task's training split.
+    """Train `groups` (each at its own rate, see `recipe_groups`) of `model` on the task's training split.
 
     `report(step, score, loss=...)` (the task's metric and loss on the validation split) is called at each
     evaluation and returns True to prune the trial;
@@ -137,9 +169,9 @@ def train(model: nn.Module, task: Task, groups: list[tuple[list[nn.Parameter], f
     device = pick_device(cfg.device)
     model.to(device).train()
     freeze_norm_statistics(model)
-    optimizer = make_optimizer(groups, cfg)
+    optimizer = make_optimizer(groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    params = [p for ps, _ in groups for p in ps]
+    params = [p for g in groups for p in g.params]
     amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     batches = task.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed,
                            fraction=cfg.data_fraction, epochs=None)

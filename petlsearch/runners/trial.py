@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
-                                        seed_everything, train)
+                                        recipe_groups, seed_everything, train)
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.structure import Backbone, Placement, Structure
 
@@ -68,8 +68,8 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
     head = head_parameters(model, graph) if cfg.train_head and task.new_head else []
     for p in head:
         p.requires_grad_(True)
-    result = train(model, task, [(applied.parameters(), cfg.lr), (head, cfg.head_lr)], cfg,
-                   report=report, progress=progress)
+    groups = recipe_groups(applied.parameters_by_plugin(), {n: p.recipe for n, p in fresh.items()}, head, cfg)
+    result = train(model, task, groups, cfg, report=report, progress=progress)
     test_metrics = evaluate(model, task, "test") if test else {}
     if weights_path is not None:
         applied.save_weights(weights_path)
@@ -85,3 +85,20 @@ def _save_head(model: Any, graph: ModelGraph, path: Path) -> None:
              for k, v in model.get_submodule(n.path).state_dict().items()}
     if state:
         save_file(state, str(path))
+
+
+def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, float]:
+    """The test metric of the trivial baselines a found structure must beat, on the same split: the
+    majority class of the training split, and the new head alone trained as `cfg` says (the same
+    steps, seed and head rate; the frozen backbone only runs forward, so it costs a fraction of a
+    run). {} for a task without a new head (causal LM)."""
+    if not task.new_head:
+        return {}
+    out = {"majority_class": task.majority_score("test")}
+    out["head_only"] = run_trial(task, [], {}, cfg, test=True).test[task.metric]
+    return out
+
+
+def beats(test: dict[str, float], baselines: dict[str, float], metric: str) -> bool:
+    """Whether a test result is above every trivial baseline (vacuously True without baselines)."""
+    return all(test.get(metric, float("nan")) > b for b in baselines.values())

@@ -71,11 +71,17 @@ class Structure:
     budget: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
     version: int = FORMAT_VERSION
+    # how the structure was trained (steps, batch_size, lr_scale, head_lr, max_length, ...): the
+    # settings `petlsearch train` repeats, the searched learning-rate scale among them
+    train: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ file format
     def to_dict(self) -> dict[str, Any]:
-        return {"petlsearch_structure": self.version, "backbone": asdict(self.backbone), "budget": self.budget,
-                "placements": [_placement_dict(p) for p in self.placements], "result": _plain(self.result)}
+        data = {"petlsearch_structure": self.version, "backbone": asdict(self.backbone), "budget": self.budget,
+                "placements": [_placement_dict(p) for p in self.placements]}
+        if self.train:
+            data["train"] = _plain(self.train)
+        return {**data, "result": _plain(self.result)}
 
     def save(self, path: str | Path) -> Path:
         """Write YAML (or JSON for a .json path)."""
@@ -126,7 +132,11 @@ class Structure:
             raise StructureError(f"{source}: placement(s) {sorted(dup)} appear twice")
         budget = _mapping(data.get("budget", {}) or {}, "budget", where)
         result = _mapping(data.get("result", {}) or {}, "result", where)
-        return cls(backbone, placements, budget, result, FORMAT_VERSION)
+        train = _mapping(data.get("train", {}) or {}, "train", where)
+        for k, v in train.items():
+            if not isinstance(v, (int, float, str, bool)) or not _is_plain(v):
+                raise StructureError(f"{where('train', k)}: train.{k} has an unsupported value {v!r}")
+        return cls(backbone, placements, budget, result, FORMAT_VERSION, train)
 
     # ------------------------------------------------------------------ model side
     def resolve(self, graph: ModelGraph, plugins: dict[str, Plugin] | None = None,
@@ -199,12 +209,18 @@ class Applied:
         self.modules = modules
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        seen, out = set(), []
-        for _, m in self.modules:
+        return [p for params in self.parameters_by_plugin().values() for p in params]
+
+    def parameters_by_plugin(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Trainable parameters grouped by the plugin of their placement (each parameter once), so
+        that each plugin's modules train at its own recipe."""
+        seen: set[int] = set()
+        out: dict[str, list[torch.nn.Parameter]] = {}
+        for placement, m in self.modules:
             for p in m.parameters():
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
-                    out.append(p)
+                    out.setdefault(placement.plugin, []).append(p)
         return out
 
     def trainable_count(self) -> int:

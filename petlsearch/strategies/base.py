@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -36,6 +37,11 @@ STRATEGIES = {
     "ray": "petlsearch.strategies.ray_tune:RayTuneSearch",
     "s3pet": "petlsearch.strategies.s3pet:S3PETSearch",
 }
+# the learning-rate scale a black-box strategy searches with the structure (log-uniform): most PEFT
+# papers tune the rate per method, and AutoPEFT searches it with the structure; the recipes are
+# the centre, so 0.1x..10x holds every rate the recipes benchmark found best for some plugin
+LR_SCALES = (0.1, 10.0)
+LOSS_WEIGHT = 1e-4  # the validation loss's weight in a trial's value: a tie-break (see trial_value)
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TrialRecord:
     memory: int | None = None
     seconds: float = 0.0
     error: str = ""
+    train: dict[str, float] = field(default_factory=dict)  # training settings searched with it (lr_scale)
 
     def structure(self) -> list[Placement]:
         return [Placement(**p) for p in self.placements]
@@ -74,11 +81,46 @@ class SearchResult:
     pareto: list[TrialRecord]
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, float] = field(default_factory=dict)  # the best trial's searched training settings
 
     @property
     def best_record(self) -> TrialRecord | None:
         done = [r for r in self.history if r.status == "complete" and r.score is not None]
-        return max(done, key=lambda r: (r.score, -r.params)) if done else None
+        return max(done, key=rank_key) if done else None
+
+
+def trial_loss(record: TrialRecord) -> float:
+    """The trial's validation loss (inf when it has none)."""
+    loss = record.metrics.get("loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else math.inf
+
+
+def rank_key(record: TrialRecord) -> tuple[float, float, int]:
+    """How complete trials are ranked (the largest first): the validation score, then the lower
+    validation loss, then fewer parameters. A short trial often leaves weak structures at the
+    majority class, where accuracies tie exactly; their losses still differ."""
+    return (float(record.score), -trial_loss(record), -record.params)
+
+
+def trial_value(score: float, loss: float | None) -> float:
+    """One number that a black-box optimiser maximises and that orders trials as `rank_key` does:
+    the score, minus the loss at a weight too small to outweigh one example of a 1,000-example
+    validation sample (LOSS_WEIGHT * loss < 1e-3 while the loss is below 10)."""
+    if loss is None or not math.isfinite(loss):
+        return score
+    return score - LOSS_WEIGHT * min(loss, 10.0)
+
+
+
+def describe(record: TrialRecord) -> str:
+    """`score=0.7031 loss=0.5712 params=1,920 lr x1.7` for progress lines."""
+    score = "failed" if record.score is None else f"{record.score:.4f}"
+    loss = trial_loss(record)
+    parts = [f"score={score}"] + ([f"loss={loss:.4f}"] if math.isfinite(loss) else [])
+    parts.append(f"params={record.params:,}")
+    if "lr_scale" in record.train:
+        parts.append(f"lr x{record.train['lr_scale']:.3g}")
+    return " ".join(parts)
 
 
 def pruning_signal(score: float, loss: float | None) -> float:
@@ -117,8 +159,9 @@ class SearchContext:
     out_dir: Path | None = None
     timeout: float | None = None
     shape: BatchShape = field(default_factory=BatchShape)
-    objective: Callable[..., TrialOutcome] | None = None  # (placements, report) -> TrialOutcome
+    objective: Callable[..., TrialOutcome] | None = None  # (placements, report, train) -> TrialOutcome
     progress: Callable[[str], None] | None = None
+    lr_scales: tuple[float, float] | None = LR_SCALES  # None: trials train at the recipes' rates
     _journal: Journal | None = field(default=None, repr=False)
     _start: float = field(default_factory=time.monotonic, repr=False)
 
@@ -155,14 +198,25 @@ class SearchContext:
             raise BudgetError(f"structure with {n:,} parameters exceeds {self.budget.describe(self.space.backbone_params)}")
         return n
 
+    def sample_train(self, rng: random.Random) -> dict[str, float]:
+        """Training settings drawn with a structure: the learning-rate scale, log-uniform in
+        `lr_scales` ({} when it is not searched)."""
+        if self.lr_scales is None:
+            return {}
+        low, high = self.lr_scales
+        return {"lr_scale": float(f"{math.exp(rng.uniform(math.log(low), math.log(high))):.4g}")}
+
     def evaluate(self, number: int, placements: Sequence[Placement],
-                 report: Callable[..., bool] | None = None) -> TrialRecord:
-        """Train and score one structure; never raises for a failing trial, records it instead."""
+                 report: Callable[..., bool] | None = None, train: dict[str, float] | None = None) -> TrialRecord:
+        """Train and score one structure (with the searched training settings `train`, e.g. its
+        lr_scale); never raises for a failing trial, records it instead."""
         params = self.check_fits(placements)
         plain = [asdict(p) for p in placements]
+        train = dict(train or {})
         memory = self.space.memory(placements, self.shape) if self.budget.memory is not None else None
         if self.journal is not None:
-            self.journal.append({"number": number, "status": "running", "placements": plain, "params": params})
+            self.journal.append({"number": number, "status": "running", "placements": plain, "params": params,
+                                 "train": train})
         seen: list[tuple[int, float]] = []
 
         def on_report(step: int, score: float, loss: float | None = None) -> bool:
@@ -171,24 +225,23 @@ class SearchContext:
 
         start = time.perf_counter()
         try:
-            outcome = self.objective(placements, on_report)
+            outcome = self.objective(placements, on_report, train)
             if not math.isfinite(outcome.score):
                 raise FloatingPointError(f"score is {outcome.score}")
             status = "pruned" if outcome.pruned else "complete"
             record = TrialRecord(number, plain, params, status, outcome.score, outcome.metrics, seen, memory,
-                                 time.perf_counter() - start)
+                                 time.perf_counter() - start, train=train)
         except (KeyboardInterrupt, PetlsearchError):
             raise
         except Exception as exc:  # a trial that raises or diverges is recorded, the search goes on
             log.warning("trial %d failed: %s: %s", number, type(exc).__name__, exc)
             record = TrialRecord(number, plain, params, "failed", None, {}, seen, memory,
-                                 time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}")
+                                 time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}", train=train)
             log.debug("%s", traceback.format_exc())
         if self.journal is not None:
             self.journal.append(record.to_dict())
         if self.progress is not None:
-            score = "failed" if record.score is None else f"{record.score:.4f}"
-            self.progress(f"trial {number}: {record.status} score={score} params={params:,}")
+            self.progress(f"trial {number}: {record.status} {describe(record)}")
         return record
 
 
@@ -210,9 +263,9 @@ class Strategy:
         if not done:
             raise PetlsearchError(f"{self.name}: no trial completed ({len(history)} ran; see trials.jsonl "
                                   "and the log for their errors)")
-        best = max(done, key=lambda r: (r.score, -r.params))
+        best = max(done, key=rank_key)
         return SearchResult(self.name, best.structure(), history, pareto_front(history),
-                            time.monotonic() - start, extras)
+                            time.monotonic() - start, extras, dict(best.train))
 
 
 def get_strategy(name: str, **options: Any) -> Strategy:

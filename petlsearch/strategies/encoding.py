@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from petlsearch.searchspace.structure import Placement
 
 GROUPINGS = ("auto", "candidate", "role", "place")
+LR_PARAM = "lr scale"  # the trial parameter of the learning-rate scale, when it is searched
 INFEASIBLE = ("repair", "reject")
 NONE = "none"
 
@@ -71,7 +72,7 @@ class Encoding:
 
     def __init__(self, space: SearchSpace, budget: Budget, shape: BatchShape | None = None,
                  group_by: str = "auto", buckets: int = 4, max_candidates: int = 24,
-                 infeasible: str = "repair") -> None:
+                 infeasible: str = "repair", lr_scales: tuple[float, float] | None = None) -> None:
         if group_by not in GROUPINGS:
             raise PetlsearchError(f"unknown grouping '{group_by}'{did_you_mean(group_by, GROUPINGS)}; "
                                   f"choose one of {', '.join(GROUPINGS)}")
@@ -80,6 +81,7 @@ class Encoding:
         if buckets < 1:
             raise PetlsearchError(f"buckets must be at least 1, got {buckets}")
         self.space, self.budget, self.buckets, self.infeasible = space, budget, buckets, infeasible
+        self.lr_scales = tuple(lr_scales) if lr_scales is not None else None
         self.shape = shape if budget.memory is not None else None
         if group_by == "auto":
             group_by = "candidate" if len(space) <= max_candidates else "role"
@@ -91,6 +93,8 @@ class Encoding:
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Ask `trial` (optuna.Trial, define-by-run) for every parameter; returns those asked."""
         params: dict[str, Any] = {}
+        if self.lr_scales is not None:
+            params[LR_PARAM] = trial.suggest_float(LR_PARAM, *self.lr_scales, log=True)
         for g in self.groups:
             method = trial.suggest_categorical(g.method_param, [NONE, *g.members])
             params[g.method_param] = method
@@ -104,9 +108,15 @@ class Encoding:
         """A digest of the parameter names and ranges; a resumed study must have the same one."""
         text = repr([(g.method_param, list(g.members), {p: repr(g.dims(p)) for p in g.members})
                      for g in self.groups])
+        if self.lr_scales is not None:
+            text += repr((LR_PARAM, self.lr_scales))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ decoding
+    def train(self, params: dict[str, Any]) -> dict[str, float]:
+        """The training settings the parameters name: {"lr_scale": x} when it is searched, else {}."""
+        return {"lr_scale": float(params[LR_PARAM])} if LR_PARAM in params else {}
+
     def raw(self, params: dict[str, Any]) -> list[Placement]:
         """The structure the parameters name, before any budget repair."""
         out = []

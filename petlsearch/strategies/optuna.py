@@ -1,7 +1,8 @@
 """Black-box search with Optuna: TPE (Bergstra et al., NeurIPS 2011) for the validation score, or a
 (score, params) / (score, memory) Pareto search with NSGA-II (Deb et al., 2002) or multi-objective TPE.
 
-One trial is one structure under the budget (see strategies.encoding), trained at reduced fidelity;
+One trial is one structure under the budget (see strategies.encoding) and a learning-rate scale of
+the plugins' recipes, trained at reduced fidelity;
 its intermediate validation losses go to a pruner (median or Hyperband) that stops weak trials early.
 The study lives in a journal file (or sqlite / an RDB URL) inside the run folder: it is the source of
 truth on resume. A resumed search counts the trials that ended (complete, pruned or failed), runs
@@ -20,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError, did_you_mean
-from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal
+from petlsearch.strategies.base import (SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal,
+                                        trial_value)
 from petlsearch.strategies.encoding import Encoding
 
 if TYPE_CHECKING:
@@ -67,7 +69,8 @@ class OptunaSearch(Strategy):
         optuna = require("optuna", "the optuna strategy")
         start = time.monotonic()
         objectives = _objectives(self.objectives)
-        enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible)
+        enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible,
+                       lr_scales=ctx.lr_scales)
         study = self._study(optuna, ctx, objectives, enc)
         _recover(optuna, study, ctx, objectives)
         startup = self.startup_trials or max(2, min(10, ctx.n_trials // 3))
@@ -80,7 +83,8 @@ class OptunaSearch(Strategy):
             log.info("optuna: resuming %s with %d of %d trials finished", ctx.out_dir, done, ctx.n_trials)
         while done < ctx.n_trials and not ctx.out_of_time():
             trial = study.ask()
-            placements = enc.decode(enc.suggest(trial))
+            params = enc.suggest(trial)
+            placements = enc.decode(params)
             if placements is None:  # never trained; pruned so that TPE learns to avoid the region
                 rejected += 1
                 trial.set_user_attr("rejected", True)
@@ -90,7 +94,7 @@ class OptunaSearch(Strategy):
                     break
                 continue
             report = _reporter(trial) if len(objectives) == 1 else None
-            record = ctx.evaluate(trial.number, placements, report)
+            record = ctx.evaluate(trial.number, placements, report, enc.train(params))
             _tell(optuna, study, trial, record, objectives, ctx)
             done += 1
         history = _records(study)
@@ -215,8 +219,8 @@ def _ending(optuna: Any, record: TrialRecord, objectives: tuple[str, ...], ctx: 
 
 
 def _value(objective: str, record: TrialRecord, ctx: SearchContext) -> float:
-    if objective == "score":
-        return float(record.score)
+    if objective == "score":  # ties broken by the validation loss, as rank_key does
+        return trial_value(float(record.score), record.metrics.get("loss"))
     if objective == "params":
         return float(record.params)
     if record.memory is not None:

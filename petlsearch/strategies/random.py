@@ -1,6 +1,7 @@
-"""Random search: uniform structures under the budget, the baseline every other strategy must beat
-at equal compute. Trial i's structure depends only on (seed, i), so a resumed search skips the
-trials that finished and proposes exactly the ones that did not."""
+"""Random search: uniform structures under the budget, each with a log-uniform learning-rate scale
+(SearchContext.lr_scales), the baseline every other strategy must beat at equal compute. Trial i
+depends only on (seed, i), so a resumed search skips the trials that finished and proposes
+exactly the ones that did not."""
 
 from __future__ import annotations
 
@@ -28,5 +29,5 @@ class RandomSearch(Strategy):
             rng = random.Random(f"{ctx.seed}:{number}")
             placements = ctx.space.sample(rng, ctx.budget, ctx.shape if ctx.budget.memory else None,
                                           self.max_placements)
-            history.append(ctx.evaluate(number, placements))
+            history.append(ctx.evaluate(number, placements, train=ctx.sample_train(rng)))
         return self.result(ctx, history, start)

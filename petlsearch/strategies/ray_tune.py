@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError
 from petlsearch.searchspace.structure import Placement
-from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, pareto_front, pruning_signal
+from petlsearch.strategies.base import (SearchContext, SearchResult, Strategy, TrialRecord, describe, pareto_front,
+                                        pruning_signal, trial_value)
 from petlsearch.strategies.encoding import Encoding
 from petlsearch.strategies.optuna import OBJECTIVES, _objectives
 
@@ -111,7 +112,8 @@ class RayTuneSearch(Strategy):
         start = time.monotonic()
         if ctx.objective is None:
             raise PetlsearchError("the ray strategy needs a SearchContext with an objective")
-        enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible)
+        enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible,
+                       lr_scales=ctx.lr_scales)
         root = (Path(ctx.out_dir).resolve() / "ray" if ctx.out_dir
                 else Path(tempfile.mkdtemp(prefix="petlsearch-ray-")))  # no run folder: nothing to restore
         trainable = tune.with_resources(tune.with_parameters(_trainable, objective=ctx.objective,
@@ -149,7 +151,8 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            # ASHA ranks trials by `pruning_signal` (validation loss), the searcher by the score
+            # ASHA ranks trials by `pruning_signal` (validation loss), the searcher by `trial_value` (the
+            # score, ties broken by the loss)
             scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="max", max_t=steps,
                                        grace_period=grace, reduction_factor=self.reduction_factor)
                          if self.scheduler == "asha" else FIFOScheduler())
@@ -158,7 +161,7 @@ class RayTuneSearch(Strategy):
             scheduler = FIFOScheduler()
         memory = ctx.budget.memory is not None or "memory" in objectives
         searcher = RayOptuna(space=_Proposer(enc, ctx.shape if memory else None),
-                             metric=list(objectives) if len(objectives) > 1 else "score",
+                             metric=list(objectives) if len(objectives) > 1 else "value",
                              mode=modes if len(objectives) > 1 else "max", sampler=sampler)
         budget_s = max(1.0, ctx.timeout - (time.monotonic() - ctx._start)) if ctx.timeout else None
         return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -183,8 +186,7 @@ class RayTuneSearch(Strategy):
             if ctx.journal is not None and known.get(record.number) != record:
                 ctx.journal.append(record.to_dict())
                 if ctx.progress is not None:
-                    score = "failed" if record.score is None else f"{record.score:.4f}"
-                    ctx.progress(f"trial {record.number}: {record.status} score={score} params={record.params:,}")
+                    ctx.progress(f"trial {record.number}: {record.status} {describe(record)}")
         if unfinished and not ctx.out_of_time():
             raise KeyboardInterrupt(f"ray search interrupted with {unfinished} trial(s) unfinished; "
                                     "run it again on the same folder to restore it")
@@ -211,11 +213,12 @@ class _Proposer:
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         enc = self.encoding
-        placements = enc.decode(enc.suggest(trial))
+        params = enc.suggest(trial)
+        placements = enc.decode(params)
         if placements is None:
             return {"number": trial.number, "placements": None, "params": 0}
         out = {"number": trial.number, "placements": [asdict(p) for p in placements],
-               "params": enc.space.count(placements)}
+               "params": enc.space.count(placements), "train": enc.train(params)}
         if self.shape is not None:
             out["memory"] = enc.space.memory(placements, self.shape)
         return out
@@ -229,18 +232,20 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int
     torch.set_num_threads(threads)
     base = {"params": config["params"], "memory": config.get("memory")}
     if config["placements"] is None:  # rejected on the driver: nothing to train
-        tune.report({"score": math.nan, "signal": math.nan, "step": 0, "rejected": 1, **base})
+        tune.report({"score": math.nan, "value": math.nan, "signal": math.nan, "step": 0, "rejected": 1, **base})
         return
     placements = [Placement(**p) for p in config["placements"]]
 
     def report(step: int, score: float, loss: float | None = None) -> bool:
         if step < steps:  # the last step is reported below, with the outcome (ASHA stops at max_t)
-            tune.report({"score": score, "signal": pruning_signal(score, loss), "step": step, **base})
+            tune.report({"score": score, "value": trial_value(score, loss), "signal": pruning_signal(score, loss),
+                         "step": step, **base})
         return False  # ASHA stops the trial itself
 
-    outcome = objective(placements, report)
+    outcome = objective(placements, report, config.get("train", {}))
     done = getattr(getattr(outcome, "train", None), "steps", steps)  # fewer when stopped early
-    final = {"score": outcome.score, "signal": pruning_signal(outcome.score, outcome.metrics.get("loss")), "step": done,
+    final = {"score": outcome.score, "value": trial_value(outcome.score, outcome.metrics.get("loss")),
+             "signal": pruning_signal(outcome.score, outcome.metrics.get("loss")), "step": done,
              "final": 1, "pruned": int(bool(outcome.pruned)), **base,
              **{f"val_{k}": v for k, v in outcome.metrics.items()}}
     if not math.isfinite(outcome.score):
@@ -269,4 +274,5 @@ def _record(res: Any, status: str) -> TrialRecord | None:
         status = "pruned"
     val = {k[4:]: v for k, v in metrics.items() if k.startswith("val_")}
     return TrialRecord(int(config["number"]), config["placements"], int(config["params"]), status, score, val,
-                       steps, config.get("memory"), float(metrics.get("time_total_s", 0.0)), error)
+                       steps, config.get("memory"), float(metrics.get("time_total_s", 0.0)), error,
+                       dict(config.get("train", {})))

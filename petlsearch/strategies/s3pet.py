@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 SNAPSHOTS = 20  # alpha snapshots kept in the result
 CURVE_POINTS = 200  # at most this many points of the search curve
-FD_SCALE = 0.01  # DARTS' finite-difference radius: eps = 0.01 / ||dL_val/dw'||
+FD_SCALE = 0.01  # DARTS' finite-difference radius: the perturbed weights move by 0.01 in norm
 
 
 class _OutOfTime(Exception):
@@ -228,11 +228,12 @@ class _BiLevel:
         return loss.detach()
 
     def _second_order(self) -> torch.Tensor:
-        """DARTS' unrolled step with a plain SGD virtual step w' = w - xi dL_train/dw (xi = the
-        weight learning rate): grad = dL_val(w', a)/da - xi (dL_train(w+)/da - dL_train(w-)/da) / 2eps,
-        w+- = w +- eps dL_val/dw'. The same gate noise is used in every forward of the step."""
-        net, xi = self.net, self.cfg.lr
-        weights = net.weights()
+        """DARTS' unrolled step with a plain SGD virtual step w' = w - xi * dL_train/dw (xi: each
+        weight's own learning rate, its plugin's recipe): grad = dL_val(w', a)/da - (dL_train(w+)/da
+        - dL_train(w-)/da) / 2eps, w+- = w +- eps * xi * dL_val/dw' (the Hessian-vector product with
+        xi * dL_val/dw'). The same gate noise is used in every forward of the step."""
+        net = self.net
+        weights, xi = net.weights(), net.rates()
         train_batch = to_device(next(self.train_batches), net.device)
         val_batch = to_device(next(self.arch_batches), net.device)
         backup = [w.detach().clone() for w in weights]
@@ -240,23 +241,24 @@ class _BiLevel:
         with net.same_noise():
             grads = _grads(self._loss(train_batch, arch=False), weights)
             with torch.no_grad():
-                for w, g in zip(weights, grads):
-                    w.sub_(xi * g)
+                for w, g, rate in zip(weights, grads, xi):
+                    w.sub_(rate * g)
             val_loss = self._loss(val_batch, arch=True)
             d_all = _grads(val_loss, [net.alpha, *weights])
-            d_alpha, d_w = d_all[0], d_all[1:]
-            eps = FD_SCALE / (torch.cat([d.flatten() for d in d_w]).norm() + 1e-12)
+            d_alpha = d_all[0]
+            direction = [rate * d for rate, d in zip(xi, d_all[1:])]
+            eps = FD_SCALE / (torch.cat([d.flatten() for d in direction]).norm() + 1e-12)
             hess = []
             for sign in (1.0, -1.0):
                 with torch.no_grad():
-                    for w, b, d in zip(weights, backup, d_w):
+                    for w, b, d in zip(weights, backup, direction):
                         w.copy_(b + sign * eps * d)
                 hess.append(_grads(self._loss(train_batch, arch=True), [net.alpha])[0])
         with torch.no_grad():
             for w, b in zip(weights, backup):
                 w.copy_(b)
         net.last_loss, net.last_gates = seen
-        self._apply(d_alpha - xi * (hess[0] - hess[1]) / (2 * eps))
+        self._apply(d_alpha - (hess[0] - hess[1]) / (2 * eps))
         return val_loss.detach()
 
     def _apply(self, grad: torch.Tensor | None) -> None:

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
     from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
     from petlsearch.runners.tasks import Task
-    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.runners.trainer import ParamGroup, TrainConfig
     from petlsearch.searchspace.budget import Budget
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.recipe import Recipe
     from petlsearch.searchspace.space import Candidate, SearchSpace
     from petlsearch.searchspace.structure import Placement
     from petlsearch.strategies.base import SearchContext
@@ -63,8 +64,10 @@ class Supernet:
     forward and backward of the model with all modules installed: nothing is rebuilt per step."""
 
     def __init__(self, model: nn.Module, graph: ModelGraph, arms: list[Arm], constraints: list[Constraint],
-                 device: torch.device, gate: str, stretch: tuple[float, float], implicit: bool, seed: int) -> None:
+                 device: torch.device, gate: str, stretch: tuple[float, float], implicit: bool, seed: int,
+                 recipes: dict[str, Recipe] | None = None) -> None:
         self.model, self.graph, self.arms, self.constraints = model, graph, arms, constraints
+        self.recipes = recipes or {}  # plugin name -> how its arms train
         self.device, self.gate, self.stretch, self.implicit = device, gate, stretch, implicit
         self.alpha = torch.zeros(len(arms), device=device, requires_grad=True)  # as the authors: all equal
         self.generator = torch.Generator(device=device).manual_seed(seed)
@@ -77,6 +80,7 @@ class Supernet:
         self._cache: tuple[Any, tuple[float | None, Constraint | None]] | None = None
         self._replay: torch.Tensor | None = None
         self._head: list[nn.Parameter] = []
+        self._rates: dict[int, float] = {}
         self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
     @property
@@ -183,19 +187,32 @@ class Supernet:
             self._replay = None
 
     # ------------------------------------------------------------------ parameters
-    def groups(self, cfg: TrainConfig, new_head: bool = True) -> list[tuple[list[nn.Parameter], float]]:
-        """The trainer's parameter groups: every module's weights, and the head unless frozen."""
-        from petlsearch.runners.trainer import head_parameters
+    def groups(self, cfg: TrainConfig, new_head: bool = True) -> list[ParamGroup]:
+        """The trainer's parameter groups: each plugin's arms at its recipe's rate, and the head
+        unless frozen. Remembers each weight's rate for the unrolled step (`rates`)."""
+        from petlsearch.runners.trainer import head_parameters, recipe_groups
 
         self._head = head_parameters(self.model, self.graph) if cfg.train_head and new_head else []
         for p in self._head:
             p.requires_grad_(True)
-        return [(self.module_parameters(), cfg.lr), (self._head, cfg.head_lr)]
+        by_plugin: dict[str, list[nn.Parameter]] = {}
+        for p, plugin in self._owned_parameters():
+            by_plugin.setdefault(plugin, []).append(p)
+        groups = recipe_groups(by_plugin, self.recipes, self._head, cfg)
+        self._rates = {id(p): g.lr for g in groups for p in g.params}
+        return groups
+
+    def _owned_parameters(self) -> list[tuple[nn.Parameter, str]]:
+        seen: set[int] = set()
+        return [(p, a.placement.plugin) for a in self.arms for p in a.module.parameters()
+                if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
 
     def module_parameters(self) -> list[nn.Parameter]:
-        seen: set[int] = set()
-        return [p for a in self.arms for p in a.module.parameters()
-                if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
+        return [p for p, _ in self._owned_parameters()]
+
+    def rates(self) -> list[float]:
+        """The learning rate of each of `weights()` (set by `groups`)."""
+        return [self._rates[id(p)] for p in self.weights()]
 
     def weights(self) -> list[nn.Parameter]:
         """Everything the weight step trains (the unrolled step perturbs these)."""
@@ -231,7 +248,8 @@ def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int 
         k = variants.get(arm.placement.key, 0)
         arm.module = _attach(plugins[arm.placement.plugin], model, arm.candidate.site, arm.placement.config, k)
         variants[arm.placement.key] = k + 1
-    return Supernet(model, graph, arms, constraints(ctx, arms), device, gate, stretch, implicit, ctx.seed)
+    return Supernet(model, graph, arms, constraints(ctx, arms), device, gate, stretch, implicit, ctx.seed,
+                    {name: p.recipe for name, p in plugins.items()})
 
 
 def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], variant: int) -> PETLModule:

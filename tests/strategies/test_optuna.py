@@ -60,7 +60,7 @@ def test_tpe_on_real_training(tiny_task, tmp_path):
     space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), ["lora", "bitfit"],
                                    roles=("attn.q", "attn.v"))
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         return run_trial(tiny_task, placements, space.plugins, FAST, report=report)
 
     ctx = make_ctx(space, objective, tmp_path, n_trials=2, budget="1500")
@@ -76,7 +76,7 @@ def test_tpe_on_real_training(tiny_task, tmp_path):
 def test_failed_trials_are_recorded_and_search_goes_on(tmp_path):
     space = tiny_space()
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         calls.append(placements)
         if len(calls) == 2:
             raise RuntimeError("out of memory (simulated)")
@@ -96,7 +96,7 @@ def test_failed_trials_are_recorded_and_search_goes_on(tmp_path):
 
 def test_multi_objective_pareto_front_is_non_dominated():
     space = tiny_space()
-    ctx = make_ctx(space, lambda p, report: Outcome(quality(space, p)), n_trials=12, budget="4k")
+    ctx = make_ctx(space, lambda p, report, train=None: Outcome(quality(space, p)), n_trials=12, budget="4k")
     result = OptunaSearch(objectives=("score", "params")).run(ctx)
     front, done = result.pareto, [r for r in result.history if r.status == "complete"]
     assert front and result.extras["objectives"] == ["score", "params"]
@@ -111,7 +111,7 @@ def test_multi_objective_pareto_front_is_non_dominated():
 
 def test_memory_objective_uses_the_estimate():
     space = tiny_space()
-    ctx = make_ctx(space, lambda p, report: Outcome(quality(space, p)), n_trials=4, budget="4k")
+    ctx = make_ctx(space, lambda p, report, train=None: Outcome(quality(space, p)), n_trials=4, budget="4k")
     result = OptunaSearch(objectives="score,memory").run(ctx)
     assert result.pareto and all(r.status == "complete" for r in result.history)
 
@@ -120,7 +120,7 @@ def test_pruner_stops_weak_trials():
     space = tiny_space()
     stopped_at: list[int] = []
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         final = quality(space, placements)
         for step in range(1, 6):  # a learning curve that ranks trials the same at every step
             if report(step, final * step / 5):
@@ -138,7 +138,7 @@ def test_pruner_ranks_trials_by_validation_loss_when_accuracy_ties():
     # every trial's accuracy is stuck at the majority class; only the loss tells them apart
     space = tiny_space()
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         loss = 1.0 - quality(space, placements)
         for step in range(1, 6):
             if report(step, 0.5, loss=loss + 1.0 / step):
@@ -157,7 +157,7 @@ def test_rejected_structures_are_never_trained():
     space = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora", "bitfit"], roles=("attn.q",))
     budget = Budget.parse("300")
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         assert placements and space.fits(placements, budget)
         return Outcome(quality(space, placements))
 
@@ -168,7 +168,7 @@ def test_rejected_structures_are_never_trained():
 
 def test_bad_options_fail_clearly():
     space = tiny_space()
-    ctx = make_ctx(space, lambda p, r: Outcome(0.5), n_trials=1)
+    ctx = make_ctx(space, lambda p, r, train=None: Outcome(0.5), n_trials=1)
     with pytest.raises(PetlsearchError, match="objectives"):
         OptunaSearch(objectives=("params",)).run(ctx)
     with pytest.raises(PetlsearchError, match="did you mean 'median'"):
@@ -177,23 +177,24 @@ def test_bad_options_fail_clearly():
 
 def test_resume_rejects_a_different_space(tmp_path):
     space = tiny_space()
-    OptunaSearch(pruner="none").run(make_ctx(space, lambda p, r: Outcome(quality(space, p)), tmp_path, 2))
+    OptunaSearch(pruner="none").run(make_ctx(space, lambda p, r, train=None: Outcome(quality(space, p)), tmp_path, 2))
     other = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora"])
     with pytest.raises(PetlsearchError, match="cannot resume"):
-        OptunaSearch(pruner="none").run(make_ctx(other, lambda p, r: Outcome(0.5), tmp_path, 4))
+        OptunaSearch(pruner="none").run(make_ctx(other, lambda p, r, train=None: Outcome(0.5), tmp_path, 4))
 
 
 def test_trial_finished_before_a_crash_is_restored_without_training(tmp_path):
     """Killed between the journal line and optuna's tell: the trial counts and is not rerun."""
     space = tiny_space()
-    ctx = make_ctx(space, lambda p, r: Outcome(0.42), tmp_path, n_trials=1)
-    study = OptunaSearch()._study(optuna, ctx, ("score",), Encoding(space, ctx.budget))
+    ctx = make_ctx(space, lambda p, r, train=None: Outcome(0.42), tmp_path, n_trials=1)
+    enc = Encoding(space, ctx.budget, lr_scales=ctx.lr_scales)
+    study = OptunaSearch()._study(optuna, ctx, ("score",), enc)
     trial = study.ask()
-    placements = Encoding(space, ctx.budget).decode(Encoding(space, ctx.budget).suggest(trial))
-    ctx.evaluate(trial.number, placements)  # journal written, optuna never told (the crash)
+    params = enc.suggest(trial)
+    ctx.evaluate(trial.number, enc.decode(params), train=enc.train(params))  # journal written, optuna never told
 
     calls: list = []
-    ctx2 = make_ctx(space, lambda p, r: calls.append(p) or Outcome(0.9), tmp_path, n_trials=3)
+    ctx2 = make_ctx(space, lambda p, r, train=None: calls.append(p) or Outcome(0.9), tmp_path, n_trials=3)
     result = OptunaSearch(pruner="none").run(ctx2)
     assert len(calls) == 2 and len(result.history) == 3
     assert result.history[0].number == trial.number and result.history[0].score == 0.42
@@ -210,7 +211,7 @@ out = Path(sys.argv[1])
 space = tiny_space()
 calls = []
 
-def objective(placements, report):
+def objective(placements, report, train=None):
     calls.append(1)
     if len(calls) == 4:  # the 4th trial hangs until the test kills the process
         (out / "hanging").write_text("1")
@@ -242,7 +243,7 @@ def test_resume_after_kill_runs_only_the_remainder(tmp_path):
 
     space = tiny_space()
     calls: list = []
-    result = OptunaSearch(pruner="none").run(make_ctx(space, lambda p, r: calls.append(p) or Outcome(
+    result = OptunaSearch(pruner="none").run(make_ctx(space, lambda p, r, train=None: calls.append(p) or Outcome(
         quality(space, p)), tmp_path, n_trials=6))
     assert len(calls) == 3 and len(result.history) == 6  # 3 kept + 3 new, none rerun
     assert {r.number for r in result.history} >= done_before

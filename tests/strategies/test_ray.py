@@ -39,7 +39,7 @@ def test_real_training_on_local_ray_retries_a_dying_trial(tiny_task, tmp_path):
                                    roles=("attn.q",))
     marker = tmp_path / "died_once"
 
-    def objective(placements, report):  # shipped to the workers with cloudpickle
+    def objective(placements, report, train=None):  # shipped to the workers with cloudpickle
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # the very first call dies, once
         except FileExistsError:
@@ -65,7 +65,7 @@ def test_failing_trial_is_recorded_and_callers_ray_is_left_running(tmp_path):
     def key(placements) -> str:
         return ";".join(sorted(f"{p.key}{sorted(p.config.items())}" for p in placements))
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         calls.mkdir(exist_ok=True)
         (calls / f"{len(calls_in(calls))}-{os.getpid()}").write_text("")
         try:
@@ -99,7 +99,7 @@ def test_interrupted_search_is_restored_without_rerunning_finished_trials(tmp_pa
     calls, driver = tmp_path / "calls", os.getpid()
     calls.mkdir()
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         n = len(calls_in(calls))
         (calls / str(n)).write_text("")
         if n == 1 and not (tmp_path / "interrupted").exists():  # Ctrl-C while the 2nd trial trains

@@ -39,7 +39,7 @@ def make_ctx(task, budget: str = "600", out=None, timeout=None, calls=None, memo
     graph = ModelGraph.from_model(task.make_model())
     space = SearchSpace.from_graph(graph, PLUGINS)
 
-    def objective(placements, report):
+    def objective(placements, report, train=None):
         if calls is not None:
             calls.append(placements)
         return run_trial(task, placements, space.plugins, FAST, report=report)

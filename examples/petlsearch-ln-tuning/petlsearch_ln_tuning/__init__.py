@@ -12,6 +12,7 @@ from torch import nn
 
 from petlsearch.plugins import ChoiceDim, Plugin
 from petlsearch.plugins.base import Site, WeightDelta
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import node_sites
 
 
@@ -32,6 +33,9 @@ class LNTuning(Plugin):
     paper = "Zhao et al., Tuning LayerNorm in Attention, 2023"
     kinds = ("weight",)
     mergeable = True
+    # how its modules train; a plugin that declares none trains at petlsearch's DEFAULT_RECIPE (1e-3)
+    recipe = Recipe(lr=1e-2, source="swept 1e-3..3e-2 on MiniLM, 100 steps, seed 0: 1e-2 best (0.744 "
+                    "validation accuracy; 1e-3: 0.619) (python -m bench --only recipes)")
 
     def __init__(self, roles: tuple[str, ...] = ("norm",)) -> None:
         self.roles = roles

@@ -1,0 +1,105 @@
+"""Fidelity: does a short search trial rank structures as their full training does?
+
+Twelve random structures under 0.1% of MiniLM, drawn from the default space (LoRA, adapters,
+parallel adapters, BitFit, IA3) with a learning-rate scale each, as the random strategy draws them
+(SearchSpace.sample, SearchContext.sample_train). Each trains twice with the product's settings:
+at the search fidelity (runners.search.SEARCH_FIDELITY: its steps, its validation sample) and at
+the final length (FINAL_FIDELITY), after which the test split is scored. Reported: the Spearman
+rank correlation between each trial score (validation accuracy, minus the validation loss, and
+the accuracy with the loss as tie-break that the strategies rank by) and the final test accuracy.
+Finished runs are kept in results/raw/fidelity-runs.jsonl, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, replace
+from typing import Any
+
+from bench.common import Options, Report, RunLog, Table, Target
+from bench.tasks import minilm_task, tiny_task
+
+log = logging.getLogger(__name__)
+NAME = "fidelity"
+TITLE = "Fidelity: the rank correlation of a search trial's score with the final test accuracy"
+BUDGET = "0.1%"
+STRUCTURES = 12
+RHO_TARGET = 0.5
+
+
+def draws(space: Any, n: int) -> list[tuple[list[Any], dict[str, float]]]:
+    """n (structure, train) pairs, each drawn as the random strategy draws trial i of seed 0."""
+    from petlsearch.searchspace.budget import Budget
+    from petlsearch.strategies.base import SearchContext
+
+    budget = Budget.parse(BUDGET)
+    ctx = SearchContext(space, budget, None, None)  # only its lr_scales are read
+    out = []
+    for i in range(n):
+        rng = random.Random(f"fidelity:{i}")
+        out.append((space.sample(rng, budget), ctx.sample_train(rng)))
+    return out
+
+
+def one_run(task: Any, space: Any, placements: list[Any], train: dict[str, float], cfg: Any,
+            test: bool) -> dict[str, Any]:
+    from petlsearch.runners.search import with_train
+    from petlsearch.runners.trial import run_trial
+
+    out = run_trial(task, placements, space.plugins, with_train(cfg, train), test=test)
+    return {"val": out.score, "val_loss": out.metrics["loss"], "test": out.test.get("accuracy"),
+            "params": out.params, "seconds": out.seconds}
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(xs, ys).statistic)
+
+
+def run(opts: Options) -> Report:
+    from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY, SEARCH_FIDELITY
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.space import SearchSpace
+    from petlsearch.strategies.base import trial_value
+
+    report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
+    task = tiny_task(128) if opts.quick else minilm_task()
+    trial_cfg = replace(SEARCH_FIDELITY, device="cpu")
+    final_cfg = replace(FINAL_FIDELITY, steps=opts.pick(3, FINAL_FIDELITY.steps, opts.steps), device="cpu")
+    if opts.quick:
+        trial_cfg = replace(trial_cfg, steps=2, eval_every=1, max_eval_examples=32)
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), DEFAULT_PLUGINS)
+    structures = draws(space, opts.pick(3, STRUCTURES))
+    journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
+    work = []
+    for i, (placements, train) in enumerate(structures):
+        for cfg, test in ((trial_cfg, False), (final_cfg, True)):
+            key = RunLog.key(fidelity_structure=i, placements=[asdict(p) for p in placements], train=train,
+                             cfg=cfg.to_dict(), test=test, model=task.model_name, task=task.name)
+            work.append((key, lambda p=placements, t=train, c=cfg, s=test: one_run(task, space, p, t, c, s)))
+    values = journal.run_all(work, opts.reverse)
+    if opts.helper:
+        return report
+    trials, finals = values[0::2], values[1::2]
+    table = Table(f"{task.model_name} on {task.name} at {BUDGET}: trial {trial_cfg.steps} steps (validation on "
+                  f"{trial_cfg.max_eval_examples} examples) vs final {final_cfg.steps} steps",
+                  ["structure", "placements", "params", "lr scale", "trial val acc", "trial val loss",
+                   "final test acc"])
+    for i, ((placements, train), t, f) in enumerate(zip(structures, trials, finals)):
+        table.add(i, len(placements), f["params"], train.get("lr_scale", 1.0), t["val"], t["val_loss"], f["test"])
+    final = [f["test"] for f in finals]
+    rho = {"validation accuracy": spearman([t["val"] for t in trials], final),
+           "minus validation loss": spearman([-t["val_loss"] for t in trials], final),
+           "accuracy, loss as tie-break (the strategies' rank)": spearman(
+               [trial_value(t["val"], t["val_loss"]) for t in trials], final)}
+    report.tables.append(table)
+    report.tables.append(Table("Spearman rho of the trial score with the final test accuracy",
+                               ["trial score", "rho"], [[k, v] for k, v in rho.items()]))
+    if not opts.quick:
+        report.targets.append(Target("Spearman rho, the strategies' trial score vs final test accuracy",
+                                     rho["accuracy, loss as tie-break (the strategies' rank)"], RHO_TARGET, ">="))
+    report.data = {"trials": trials, "finals": finals, "rho": rho, "trial": trial_cfg.to_dict(),
+                   "final": final_cfg.to_dict(), "train": [t for _, t in structures]}
+    return report
