@@ -45,6 +45,13 @@ COMPARED = ("s3pet", "hand-made", "full")  # full fine-tuning too: the 99% targe
 TARGET_BUDGET = "0.1%"
 
 
+def recipes() -> dict[str, float]:
+    """Each plugin's recipe rate: part of a run's key, so that a new recipe is a new run."""
+    from petlsearch.plugins import create_plugin
+
+    return {name: create_plugin(name).recipe.lr for name in PLUGINS}
+
+
 def strategies(quick: bool, budget: str) -> list[str]:
     if quick:
         return ["random", "s3pet"]
@@ -102,7 +109,7 @@ def hand_made_work(task: Any, space: Any, budget: str, final: Any, designs: Any,
     for label, plugin, roles in designs:
         placements = fit_design(space, plugin, roles, limit)
         if placements is not None:
-            work.append((RunLog.key(hand_made=label, budget=budget, **cfg.to_dict()),
+            work.append((RunLog.key(hand_made=label, budget=budget, recipes=recipes(), **cfg.to_dict()),
                          lambda label=label, placements=placements: _hand_made_row(
                              label, run_trial(task, placements, space.plugins, cfg, test=True))))
     return work
@@ -159,6 +166,7 @@ def run(opts: Options) -> Report:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.space import SearchSpace
+    from petlsearch.strategies.base import LR_SCALES
 
     report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
     task = tiny_task(128) if opts.quick else minilm_task()
@@ -173,6 +181,7 @@ def run(opts: Options) -> Report:
     space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
     searches = [(RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed, fidelity=fidelity.to_dict(),
+                            recipes=recipes(), lr_scales=LR_SCALES if strategy != "s3pet" else None,
                             final=final.to_dict(), **strategy_defaults(strategy)),
                  lambda b=budget, s=strategy, seed=seed: one_search(task, b, s, trials, fidelity, final, seed))
                 for budget in budgets for strategy in strategies(opts.quick, budget)

@@ -217,14 +217,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     _load_extra_plugins(args.plugin)
     loaded = load_all()
     table = Table(title="installed plugins")
-    for col in ("name", "kinds", "description", "paper"):
+    for col in ("name", "kinds", "lr", "description", "paper"):
         table.add_column(col, overflow="fold")
     for name in list_plugins():
         cls = loaded.get(name)
         if cls is None:
-            table.add_row(name, "-", "[red]failed to load (see the warning above)[/red]", "")
+            table.add_row(name, "-", "", "[red]failed to load (see the warning above)[/red]", "")
         else:
-            table.add_row(name, ",".join(cls.kinds), cls.description, cls.paper)
+            table.add_row(name, ",".join(cls.kinds), f"{cls.recipe.lr:g}", cls.description, cls.paper)
     console.print(table)
     return 0
 
@@ -243,6 +243,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if res:
         console.print(f"trainable parameters: {res.get('trainable_params', '?'):,}; test: {res.get('test', {})}; "
                       f"strategy: {res.get('strategy', '?')}, seed {res.get('seed', '?')}")
+    if res.get("baselines"):
+        verdict = "beats" if res.get("beats_baselines") else "does NOT beat"
+        console.print(f"{verdict} the trivial baselines: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}"
+                                                                     for k, v in res["baselines"].items()))
+    if s.train:
+        console.print("trained with: " + ", ".join(f"{k}={v}" for k, v in s.train.items())
+                      + " (petlsearch train repeats it)")
     table = Table(title=f"{len(s.placements)} placements")
     for col in ("site", "plugin", "config"):
         table.add_column(col)

@@ -80,6 +80,23 @@ def test_zoo_quick(tmp_path: Path) -> None:
     assert 0.0 <= rows["lora"]["test acc"] <= 1.0
 
 
+def test_recipes_quick(tmp_path: Path) -> None:
+    report = run_one("recipes", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    rows = {r[0]: r for r in report.tables[0].rows}
+    assert set(rows) == {"lora", "bitfit"} and report.data["best"]["lora"] in (1e-3, 1e-2)
+    assert rows["lora"][1] > 0  # trainable parameters of the plugin at its default size
+
+
+def test_fidelity_quick(tmp_path: Path) -> None:
+    report = run_one("fidelity", Options(quick=True, out=tmp_path))
+    data = _check_written(report, tmp_path)
+    trials, finals = data["data"]["trials"], data["data"]["finals"]
+    assert len(trials) == len(finals) == 3 and all(f["test"] is not None for f in finals)
+    assert all(0.1 <= t["lr_scale"] <= 10 for t in data["data"]["train"])  # drawn as the random strategy does
+    assert set(data["data"]["rho"]) >= {"validation accuracy", "minus validation loss"}
+
+
 def test_search_quick(tmp_path: Path) -> None:
     report = run_one("search", Options(quick=True, out=tmp_path))
     _check_written(report, tmp_path)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -34,6 +35,9 @@ def test_help_does_not_import_torch() -> None:
     (["search", "--plugin", "no_such_module:Thing"], "cannot load plugin"),
     (["show", "missing.yaml"], "does not exist"),
     (["graph", "not-a-model-name"], "unknown model"),
+    (["search", "--lr", "fast"], "cannot read the learning rate 'fast'"),
+    (["search", "--device", "gpu0"], "unknown device 'gpu0'"),
+    (["search", "--config", "no-such-run.yaml"], "cannot read the config file no-such-run.yaml"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path) -> None:
     out = run(*args, "--out", str(tmp_path / "o")) if args[0] == "search" else run(*args)
@@ -73,6 +77,12 @@ def test_search_show_train_export_on_real_minilm(tmp_path) -> None:
     assert "test accuracy" in trained.stderr
     again = run("search", "--task", f"csv:{csv}", "--out", str(out))
     assert again.returncode == 2 and "--resume" in again.stderr
+    # run.yaml repeats the run: the same structure, trained the same way, the same test accuracy
+    repeat = run("search", "--config", str(out / "run.yaml"), "--out", str(tmp_path / "repeat"))
+    assert repeat.returncode == 0, repeat.stderr
+    first, second = (yaml.safe_load((d / "structure.yaml").read_text()) for d in (out, tmp_path / "repeat"))
+    assert first["placements"] == second["placements"] and first["train"] == second["train"]
+    assert first["result"]["test"] == second["result"]["test"]
 
 
 @pytest.mark.slow

@@ -118,6 +118,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps")
     baselines = trivial_baselines(task, final)
     learned = beats(outcome.test, baselines, task.metric)
+    _judge(outcome.test.get(task.metric, float("nan")), baselines, task.metric, learned, say, warn)
     result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
               "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
               "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
@@ -128,15 +129,21 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     structure = space.structure(found.best, budget, name=task.model_name, result=result)
     structure.train = train_section(final, task.max_length)
     files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
-    test = outcome.test.get(task.metric, float("nan"))
-    say(f"test {task.metric} {test:.4f} with {result['trainable_params']:,} trainable parameters "
-        f"(+{outcome.head_params:,} head); " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
-    if not learned:
-        best = max(baselines, key=baselines.get)
-        warn(f"the structure's test {task.metric} {test:.4f} does not beat {best.replace('_', ' ')} "
-             f"({baselines[best]:.4f}): nothing was learned beyond the trivial baseline; try more --final-steps, "
-             "another --lr (e.g. --lr 3x or --lr 0.3x), or more --trials")
+    say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
+        f"trainable parameters (+{outcome.head_params:,} head)")
     return RunResult(found, structure, outcome, out_dir, files)
+
+
+def _judge(test: float, baselines: dict[str, float], metric: str, learned: bool, say: Any, warn: Any) -> None:
+    """Say the baselines; warn when the structure's test score does not beat them."""
+    if not baselines:
+        return
+    say("baselines on the test split: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in baselines.items()))
+    best = max(baselines, key=baselines.get)
+    if not learned:
+        warn(f"the structure's test {metric} {test:.4f} does not beat {best.replace('_', ' ')} ({baselines[best]:.4f}):"
+             " nothing was learned beyond the trivial baseline; try more --final-steps, another --lr (e.g. --lr 3x "
+             "or --lr 0.3x), or more --trials")
 
 
 def with_train(cfg: TrainConfig, train: dict[str, float] | None) -> TrainConfig:
