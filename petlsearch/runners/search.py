@@ -106,9 +106,9 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     found = strat.run(ctx)
     ctx.check_fits(found.best)  # never return an over-budget structure
     if not distinguished(found.history):
-        warn(f"the search's {len(found.history)} trials all scored {found.history[0].score:.4f} ({task.metric}): "
-             "they could not tell structures apart (the best was picked by validation loss); give trials more "
-             "--steps, or another --lr")
+        warn(f"the search's {len(found.history)} trials all scored {found.history[0].score:.4f} ({task.metric}) on "
+             "validation: that score could not tell structures apart, their validation loss ranked them; give "
+             "trials more --steps for a clearer ranking")
     final = with_train(final, found.train)
     say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters"
         + (f", lr x{final.lr_scale:.3g}" if found.train else "") + ")")

@@ -41,7 +41,6 @@ STRATEGIES = {
 # papers tune the rate per method, and AutoPEFT searches it with the structure; the recipes are
 # the centre, so 0.1x..10x holds every rate the recipes benchmark found best for some plugin
 LR_SCALES = (0.1, 10.0)
-LOSS_WEIGHT = 1e-4  # the validation loss's weight in a trial's value: a tie-break (see trial_value)
 
 
 @dataclass
@@ -96,20 +95,20 @@ def trial_loss(record: TrialRecord) -> float:
 
 
 def rank_key(record: TrialRecord) -> tuple[float, float, int]:
-    """How complete trials are ranked (the largest first): the validation score, then the lower
-    validation loss, then fewer parameters. A short trial often leaves weak structures at the
-    majority class, where accuracies tie exactly; their losses still differ."""
-    return (float(record.score), -trial_loss(record), -record.params)
+    """How complete trials are ranked (the largest first): the lower validation loss, then the
+    higher score, then fewer parameters. Measured (python -m bench --only fidelity): over twelve
+    random structures at 0.1% of MiniLM, minus the loss of a 30-step trial ranks their 250-step test
+    accuracies with Spearman's rho 0.85, its accuracy with 0.21 (most short trials sit at the
+    majority class, where accuracies tie and their last digits are noise)."""
+    return (-trial_loss(record), float(record.score), -record.params)
 
 
 def trial_value(score: float, loss: float | None) -> float:
-    """One number that a black-box optimiser maximises and that orders trials as `rank_key` does:
-    the score, minus the loss at a weight too small to outweigh one example of a 1,000-example
-    validation sample (LOSS_WEIGHT * loss < 1e-3 while the loss is below 10)."""
+    """One number that a black-box optimiser maximises, ordering trials as `rank_key` does: minus
+    the validation loss (the score when there is no loss)."""
     if loss is None or not math.isfinite(loss):
         return score
-    return score - LOSS_WEIGHT * min(loss, 10.0)
-
+    return -loss
 
 
 def describe(record: TrialRecord) -> str:

@@ -219,7 +219,7 @@ def _ending(optuna: Any, record: TrialRecord, objectives: tuple[str, ...], ctx: 
 
 
 def _value(objective: str, record: TrialRecord, ctx: SearchContext) -> float:
-    if objective == "score":  # ties broken by the validation loss, as rank_key does
+    if objective == "score":  # the validation loss ranks trials (see rank_key)
         return trial_value(float(record.score), record.metrics.get("loss"))
     if objective == "params":
         return float(record.params)

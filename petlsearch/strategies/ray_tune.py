@@ -151,8 +151,7 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            # ASHA ranks trials by `pruning_signal` (validation loss), the searcher by `trial_value` (the
-            # score, ties broken by the loss)
+            # ASHA ranks trials by `pruning_signal`, the searcher by `trial_value`: both the validation loss
             scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="max", max_t=steps,
                                        grace_period=grace, reduction_factor=self.reduction_factor)
                          if self.scheduler == "asha" else FIFOScheduler())
