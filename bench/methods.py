@@ -21,8 +21,8 @@ from torch import nn
 from petlsearch.plugins import create_plugin
 from petlsearch.runners.trainer import (ParamGroup, TrainConfig, freeze_backbone, head_parameters, recipe_groups,
                                         seed_everything)
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.recipe import Recipe
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin, Site

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import BatchShape, ParallelDelta, Plugin, SequentialDelta, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
 from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
 
 

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.adapter import ACTIVATIONS
 from petlsearch.plugins.base import BatchShape, Plugin, SequentialDelta, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 
 

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
 from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.plugins.fish import param_name, top_indices
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.roles import LINEAR_TYPES
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
 

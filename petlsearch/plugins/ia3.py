@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import Plugin, Scale, Site
 from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import node_sites
 
 OUTPUT_ROLES = ("attn.k", "attn.v", "attn.qkv", "xattn.k", "xattn.v")

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
 from petlsearch.plugins.compacter import SlowWeights, kron_sum, low_rank_factors
 from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import ATTN_PROJECTIONS, node_sites
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
 from petlsearch.plugins.dims import Dim, FloatDim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
 
 

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import SequentialAdapter, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, cached_length
 from petlsearch.plugins.context import extras
 from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 
 IGNORE = -100  # label of the prefix positions: no loss there

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins import prefix_tuning as pt
 from petlsearch.plugins.adapter import ACTIVATIONS, ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites, sublayer_sites
 
 

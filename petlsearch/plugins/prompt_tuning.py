@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.plugins._tokens import TokenModule, input_sites, token_activations
 from petlsearch.plugins.base import BatchShape, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 
 INITS = ("random", "vocab")
 

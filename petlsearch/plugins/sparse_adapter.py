@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import Bottleneck, HoulsbyAdapter
 from petlsearch.plugins.base import SequentialDelta, Site
 from petlsearch.plugins.dims import Dim, FloatDim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

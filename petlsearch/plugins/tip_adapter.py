@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
 from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import head_sites
 
 log = logging.getLogger(__name__)

@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.searchspace.recipe import Recipe
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, SequentialDelta, Site
 from petlsearch.plugins.context import current_task
 from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 
 ALL_TASKS = "all"  # the ModuleDict key of the one adapter that share="tasks" keeps
