@@ -16,7 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import PluginError, did_you_mean
-from petlsearch.searchspace.recipe import Recipe
+from petlsearch.searchspace.recipe import check_recipe
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin
@@ -62,10 +62,7 @@ def validate(cls: Any, name: str | None = None) -> None:
         raise PluginError(f"plugin '{label}': name {cls.name!r} must match {_NAME.pattern}")
     if not cls.kinds or set(cls.kinds) - set(SITE_KINDS):
         raise PluginError(f"plugin '{cls.name}': kinds {cls.kinds!r} must be a non-empty subset of {SITE_KINDS}")
-    if not isinstance(cls.recipe, Recipe):
-        raise PluginError(f"plugin '{cls.name}': recipe must be a petlsearch.searchspace.recipe.Recipe, "
-                          f"got {cls.recipe!r}")
-    cls.recipe.check(cls.name)
+    check_recipe(cls.recipe, cls.name)
     for method, n_args in _REQUIRED.items():
         impl = getattr(cls, method)
         if impl is getattr(Plugin, method):

@@ -105,15 +105,13 @@ def check_registration(plugin: Plugin, family: str) -> None:
 def check_recipe(plugin: Plugin, family: str) -> None:
     """The declared recipe (how the modules train) is a Recipe with positive finite rates, a weight
     decay >= 0 and a source; a plugin that declares none has DEFAULT_RECIPE, which passes."""
-    from petlsearch.searchspace.recipe import Recipe
+    from petlsearch.errors import PluginError
+    from petlsearch.searchspace.recipe import check_recipe as valid
 
-    recipe = plugin.recipe
-    if not isinstance(recipe, Recipe):
-        _fail(plugin, "check_recipe", family, f"recipe is {recipe!r}; declare a petlsearch.searchspace.recipe.Recipe")
     try:
-        recipe.check(plugin.name)
-    except Exception as exc:
-        _fail(plugin, "check_recipe", family, str(exc))
+        valid(plugin.recipe, plugin.name)
+    except PluginError as exc:
+        _fail(plugin, "check_recipe", family, f"{exc}; declare a valid petlsearch.searchspace.recipe.Recipe")
 
 
 def check_sites(plugin: Plugin, family: str) -> None:

@@ -32,22 +32,31 @@ class Recipe:
 
     def check(self, owner: str) -> None:
         """Raise PluginError naming `owner` when a value cannot train (not a positive finite rate)."""
-        for name in ("lr", "head_lr"):
-            value = getattr(self, name)
-            if value is None and name == "head_lr":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value <= 0:
-                raise PluginError(f"plugin '{owner}': recipe {name}={value!r} must be a positive finite number")
-        wd = self.weight_decay
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
-            raise PluginError(f"plugin '{owner}': recipe weight_decay={wd!r} must be a finite number >= 0")
+        _number(owner, "lr", self.lr, positive=True)
+        if self.head_lr is not None:
+            _number(owner, "head_lr", self.head_lr, positive=True)
+        _number(owner, "weight_decay", self.weight_decay, positive=False)
         if not isinstance(self.source, str) or not self.source.strip():
             raise PluginError(f"plugin '{owner}': recipe source must say where the values come from "
                               "(a paper, or the measurement that chose them)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_recipe(recipe: Any, owner: str) -> None:
+    """Raise PluginError naming `owner` unless `recipe` is a Recipe whose values can train: what
+    registration and the conformance kit both check."""
+    if not isinstance(recipe, Recipe):
+        raise PluginError(f"plugin '{owner}': recipe must be a petlsearch.searchspace.recipe.Recipe, got {recipe!r}")
+    recipe.check(owner)
+
+
+def _number(owner: str, name: str, value: Any, positive: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        need = "a positive finite number" if positive else "a finite number >= 0"
+        raise PluginError(f"plugin '{owner}': recipe {name}={value!r} must be {need}")
 
 
 DEFAULT_RECIPE = Recipe(
