@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.recipe import Recipe
     from petlsearch.searchspace.space import Candidate, SearchSpace
-    from petlsearch.searchspace.structure import Placement
+    from petlsearch.searchspace.structure import Applied, Placement
     from petlsearch.strategies.base import SearchContext
 
 
@@ -195,20 +195,18 @@ class Supernet:
         self._head = head_parameters(self.model, self.graph) if cfg.train_head and new_head else []
         for p in self._head:
             p.requires_grad_(True)
-        by_plugin: dict[str, list[nn.Parameter]] = {}
-        for p, plugin in self._owned_parameters():
-            by_plugin.setdefault(plugin, []).append(p)
-        groups = recipe_groups(by_plugin, self.recipes, self._head, cfg)
+        groups = recipe_groups(self._applied().parameters_by_plugin(), self.recipes, self._head, cfg)
         self._rates = {id(p): g.lr for g in groups for p in g.params}
         return groups
 
-    def _owned_parameters(self) -> list[tuple[nn.Parameter, str]]:
-        seen: set[int] = set()
-        return [(p, a.placement.plugin) for a in self.arms for p in a.module.parameters()
-                if p.requires_grad and id(p) not in seen and not seen.add(id(p))]
+    def _applied(self) -> Applied:
+        """The arms as an Applied structure: its parameters, each once, grouped by plugin."""
+        from petlsearch.searchspace.structure import Applied
+
+        return Applied([(a.placement, a.module) for a in self.arms])
 
     def module_parameters(self) -> list[nn.Parameter]:
-        return [p for p, _ in self._owned_parameters()]
+        return self._applied().parameters()
 
     def rates(self) -> list[float]:
         """The learning rate of each of `weights()` (set by `groups`)."""
