@@ -160,8 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _load_extra_plugins(args.plugin)
     structure = Structure.load(args.structure)
     recorded = dict(structure.train)  # how the search trained it: the learning-rate scale it found, ...
-    max_length = _max_length(args) or recorded.pop("max_length", None)
-    recorded.pop("max_length", None)
+    recorded_length = recorded.pop("max_length", None)  # a task setting, not a TrainConfig field
+    max_length = _max_length(args) or recorded_length
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(recorded) - known)
     if unknown:

@@ -103,14 +103,6 @@ def rank_key(record: TrialRecord) -> tuple[float, float, int]:
     return (-trial_loss(record), float(record.score), -record.params)
 
 
-def trial_value(score: float, loss: float | None) -> float:
-    """One number that a black-box optimiser maximises, ordering trials as `rank_key` does: minus
-    the validation loss (the score when there is no loss)."""
-    if loss is None or not math.isfinite(loss):
-        return score
-    return -loss
-
-
 def describe(record: TrialRecord) -> str:
     """`score=0.7031 loss=0.5712 params=1,920 lr x1.7` for progress lines."""
     score = "failed" if record.score is None else f"{record.score:.4f}"
@@ -122,10 +114,11 @@ def describe(record: TrialRecord) -> str:
     return " ".join(parts)
 
 
-def pruning_signal(score: float, loss: float | None) -> float:
-    """What pruners rank a trial's intermediate results by (higher is better): minus the validation
-    loss, or the score when there is none. Early in training the accuracy of a small validation
-    sample ties (weak trials all predict the majority class) and cannot rank trials; the loss can."""
+def trial_value(score: float, loss: float | None) -> float:
+    """What a trial is ranked by, as one number (higher is better): minus the validation loss, or the
+    score when there is none. Pruners read it at each evaluation and black-box optimisers at the end,
+    so both order trials as `rank_key` does. Early in training the accuracy of a validation sample
+    ties (weak trials all predict the majority class) and cannot rank trials; the loss can."""
     return -loss if loss is not None and math.isfinite(loss) else score
 
 

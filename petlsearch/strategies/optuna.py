@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError, did_you_mean
-from petlsearch.strategies.base import (SearchContext, SearchResult, Strategy, TrialRecord, pruning_signal,
-                                        trial_value)
+from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord, trial_value
 from petlsearch.strategies.encoding import Encoding
 
 if TYPE_CHECKING:
@@ -188,7 +187,7 @@ def _objectives(spec: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
 
 
 def _reporter(trial: optuna.Trial) -> Callable[..., bool]:
-    """The trainer's report(step, score, loss) -> prune? callback, feeding `pruning_signal` to the
+    """The trainer's report(step, score, loss) -> prune? callback, feeding `trial_value` to the
     trial's pruner."""
     seen: set[int] = set()
 
@@ -196,7 +195,7 @@ def _reporter(trial: optuna.Trial) -> Callable[..., bool]:
         if step in seen:  # an early stop re-reports the last step
             return False
         seen.add(step)
-        trial.report(pruning_signal(score, loss), step)
+        trial.report(trial_value(score, loss), step)
         return trial.should_prune()
 
     return report

@@ -28,7 +28,7 @@ from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError
 from petlsearch.searchspace.structure import Placement
 from petlsearch.strategies.base import (SearchContext, SearchResult, Strategy, TrialRecord, describe, pareto_front,
-                                        pruning_signal, trial_value)
+                                        trial_value)
 from petlsearch.strategies.encoding import Encoding
 from petlsearch.strategies.optuna import OBJECTIVES, _objectives
 
@@ -151,7 +151,7 @@ class RayTuneSearch(Strategy):
             sampler = optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup)
             steps = ctx.fidelity.steps
             grace = min(self.grace_period or ctx.fidelity.eval_every or steps, steps)
-            # ASHA ranks trials by `pruning_signal`, the searcher by `trial_value`: both the validation loss
+            # ASHA and the searcher both rank trials by `trial_value` (the validation loss): metric "signal"
             scheduler = (ASHAScheduler(time_attr="step", metric="signal", mode="max", max_t=steps,
                                        grace_period=grace, reduction_factor=self.reduction_factor)
                          if self.scheduler == "asha" else FIFOScheduler())
@@ -160,7 +160,7 @@ class RayTuneSearch(Strategy):
             scheduler = FIFOScheduler()
         memory = ctx.budget.memory is not None or "memory" in objectives
         searcher = RayOptuna(space=_Proposer(enc, ctx.shape if memory else None),
-                             metric=list(objectives) if len(objectives) > 1 else "value",
+                             metric=list(objectives) if len(objectives) > 1 else "signal",
                              mode=modes if len(objectives) > 1 else "max", sampler=sampler)
         budget_s = max(1.0, ctx.timeout - (time.monotonic() - ctx._start)) if ctx.timeout else None
         return tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -231,20 +231,18 @@ def _trainable(config: dict[str, Any], objective: Callable[..., Any], steps: int
     torch.set_num_threads(threads)
     base = {"params": config["params"], "memory": config.get("memory")}
     if config["placements"] is None:  # rejected on the driver: nothing to train
-        tune.report({"score": math.nan, "value": math.nan, "signal": math.nan, "step": 0, "rejected": 1, **base})
+        tune.report({"score": math.nan, "signal": math.nan, "step": 0, "rejected": 1, **base})
         return
     placements = [Placement(**p) for p in config["placements"]]
 
     def report(step: int, score: float, loss: float | None = None) -> bool:
         if step < steps:  # the last step is reported below, with the outcome (ASHA stops at max_t)
-            tune.report({"score": score, "value": trial_value(score, loss), "signal": pruning_signal(score, loss),
-                         "step": step, **base})
+            tune.report({"score": score, "signal": trial_value(score, loss), "step": step, **base})
         return False  # ASHA stops the trial itself
 
     outcome = objective(placements, report, config.get("train", {}))
     done = getattr(getattr(outcome, "train", None), "steps", steps)  # fewer when stopped early
-    final = {"score": outcome.score, "value": trial_value(outcome.score, outcome.metrics.get("loss")),
-             "signal": pruning_signal(outcome.score, outcome.metrics.get("loss")), "step": done,
+    final = {"score": outcome.score, "signal": trial_value(outcome.score, outcome.metrics.get("loss")), "step": done,
              "final": 1, "pruned": int(bool(outcome.pruned)), **base,
              **{f"val_{k}": v for k, v in outcome.metrics.items()}}
     if not math.isfinite(outcome.score):
