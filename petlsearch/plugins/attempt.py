@@ -10,7 +10,8 @@ authors' code trains only W_down and W_up); with max-pooled prompts p_j (H,), th
 T5-base). The prompt prepended to the input is P_T + sum_j a_j P_j (the sum includes P_T itself).
 
 Multi-task: `tasks=("a", "b")` gives one target prompt per task, chosen by
-`petlsearch.plugins.context.current_task()`; the attention module is shared by the tasks. The count
+`petlsearch.plugins.context.current_task()`; the attention module is shared by the tasks. Built
+without `tasks` (as by name from the CLI), one target prompt serves every task of a mixture. The count
 is trainable parameters only: tasks * n * H + 2 * H * r; the sources are buffers (frozen, not in the
 module's state: they are read from the library files). Tooling: `save_source_prompt` turns a trained
 prompt_tuning module into a library file; `Attempt.add_source` / `remove_source` edit the library.
@@ -36,6 +37,7 @@ from petlsearch.plugins.prompt_tuning import INITS, init_from_vocab, max_prompt_
 from petlsearch.searchspace.recipe import Recipe
 
 PROMPT_KEY = "prompt"
+SHARED = "default"  # the one target prompt of a plugin built without task names, used by every task
 
 
 def save_source_prompt(prompt: nn.Module | torch.Tensor, path: str | Path, task: str = "") -> Path:
@@ -64,12 +66,14 @@ def load_source_prompt(path: str | Path) -> torch.Tensor:
 class AttemptPrompt(TokenModule):
     level = "input"
 
-    def __init__(self, site: Site, cfg: dict[str, Any], sources: torch.Tensor, tasks: Sequence[str],
+    def __init__(self, site: Site, cfg: dict[str, Any], sources: torch.Tensor, tasks: Sequence[str] | None,
                  temperature: float | None) -> None:
         super().__init__(site)
         hidden, n, r = site.in_features, cfg["length"], cfg["bottleneck"]
         self.init = cfg["init"]
-        self.targets = nn.ParameterDict({t: nn.Parameter(torch.empty(n, hidden).uniform_(-0.5, 0.5)) for t in tasks})
+        self.shared = not tasks  # built without task names: one target prompt for every task of a mixture
+        self.targets = nn.ParameterDict({t: nn.Parameter(torch.empty(n, hidden).uniform_(-0.5, 0.5))
+                                         for t in tasks or (SHARED,)})
         self.register_buffer("sources", sources.clone(), persistent=False)  # (S, n, H), frozen
         self.down = nn.Linear(hidden, r, bias=False)
         self.up = nn.Linear(r, hidden, bias=False)
@@ -84,7 +88,7 @@ class AttemptPrompt(TokenModule):
 
     def target(self) -> torch.Tensor:
         task = context.current_task()
-        if len(self.targets) == 1 and (task is None or task in self.targets):
+        if self.shared or (len(self.targets) == 1 and task is None):
             return next(iter(self.targets.values()))
         if task not in self.targets:
             raise PluginError(f"attempt: no target prompt for task {task!r}{did_you_mean(str(task), self.targets)}; "
@@ -185,7 +189,7 @@ class Attempt(Plugin):
             raise PluginError(f"attempt: source prompts have hidden size {library.shape[2]}, site "
                               f"'{site.key}' has {site.in_features}; use prompts trained on this backbone")
         sources = library if len(library) else torch.empty(0, cfg["length"], site.in_features)
-        return AttemptPrompt(site, cfg, sources, tuple(self.tasks or ("default",)), self.temperature)
+        return AttemptPrompt(site, cfg, sources, tuple(self.tasks or ()), self.temperature)
 
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
         return token_activations(site, cfg["length"], shape)

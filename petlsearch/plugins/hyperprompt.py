@@ -9,7 +9,8 @@ from a layer-aware task embedding I_m^t = MLP([k_t; z_m]) (task embedding k_t, l
 both of width t, a two-layer ReLU task projector). The task embeddings, the projector and H_k, H_v
 are shared by every layer and task (`shared_key`: counted once per structure); P_m and z_m belong to a
 placement. The current task comes from `petlsearch.plugins.context.use(task=...)`; with one task in
-`tasks` it may be left unset. Not the identity at init: the prompts change attention from the start.
+`tasks` it may be left unset, and built without task names (as by name from the CLI) every task of a
+mixture shares the one task embedding. Not the identity at init: the prompts change attention from the start.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from petlsearch.plugins.dims import Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites
 
+DEFAULT_TASKS = ("default",)  # built without task names: one task embedding shared by every task
+
 
 class HyperNetwork(nn.Module):
     """Task embeddings, the task projector, and H_k, H_v generating the local networks' D and U."""
@@ -42,9 +45,9 @@ class HyperNetwork(nn.Module):
 
     def task_index(self) -> int:
         task = context.current_task()
+        if len(self.tasks) == 1 and (task is None or self.tasks == DEFAULT_TASKS):
+            return 0  # one task, or a plugin built without task names: every task shares it
         if task is None:
-            if len(self.tasks) == 1:
-                return 0
             raise PluginError(f"hyperprompt: no current task; run the forward inside "
                               f"petlsearch.plugins.context.use(task=...) with one of {list(self.tasks)}")
         if task not in self.tasks:
@@ -87,7 +90,7 @@ class HyperPrompt(Plugin):
         "(python -m bench --only recipes)"))
     identity_at_init = False
 
-    def __init__(self, tasks: tuple[str, ...] = ("default",), roles: tuple[str, ...] = ("attn",),
+    def __init__(self, tasks: tuple[str, ...] = DEFAULT_TASKS, roles: tuple[str, ...] = ("attn",),
                  max_length: int = 128) -> None:
         self.tasks = tasks
         self.roles = roles

@@ -11,8 +11,10 @@ runs it inside `petlsearch.plugins.context.use(task=...)`, so that per-task plac
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -119,10 +121,28 @@ class _Bound(nn.Module):
         return self.inner(task=self.task, **batch)
 
 
+def task_keys(specs: Iterable[str]) -> dict[str, str]:
+    """A readable key per task spec of a mixture, usable as a module name (no '.'): a file task is
+    named by its file's stem (`csv:data/reviews.csv` -> `reviews`), repeats get a suffix."""
+    keys: dict[str, str] = {}
+    for spec in specs:
+        kind, _, arg = spec.partition(":")
+        base = re.sub(r"[^0-9A-Za-z_-]+", "_", PurePath(arg).stem if arg else kind).strip("_") or "task"
+        key, n = base, 2
+        while key in keys.values():
+            key, n = f"{base}_{n}", n + 1
+        keys[spec] = key
+    return keys
+
+
 def multitask(tasks: dict[str, Task], name: str | None = None) -> MultiTask:
-    """A mixture of classification tasks that share one backbone (and its tokenizer or image size)."""
+    """A mixture of classification tasks that share one backbone (and its tokenizer or image size).
+    `tasks` maps each task's key (its name in metrics, heads and `context.use(task=...)`) to it."""
     if len(tasks) < 2:
         raise TaskError("a multi-task mixture needs at least two tasks")
+    bad = [k for k in tasks if not k or "." in k]
+    if bad:
+        raise TaskError(f"task keys of a mixture name modules and cannot be empty or contain '.': {bad}")
     kinds = {t.kind for t in tasks.values()}
     models = {t.model_name for t in tasks.values()}
     if kinds - {"text", "image"} or len(kinds) != 1 or len(models) != 1:

@@ -27,6 +27,7 @@ import numpy as np
 
 from petlsearch.errors import TaskError, did_you_mean
 from petlsearch.runners import data as D
+from petlsearch.smoke import smoke
 
 if TYPE_CHECKING:
     import torch
@@ -248,14 +249,17 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
              label_column: str = "label", max_length: int = 64, image_size: int = 64, seed: int = 0,
              limit: int | None = None) -> Task:
     """Build the task `name` on backbone `model` (defaults: Rotten Tomatoes on MiniLM)."""
+    capped = smoke()
+    if capped is not None:
+        limit = min(limit or capped.examples, capped.examples)
     kind, _, arg = name.partition(":")
     if kind == "multi" and arg:  # multi:rotten_tomatoes+csv:PATH
-        from petlsearch.runners.multitask import multitask
+        from petlsearch.runners.multitask import multitask, task_keys
 
-        parts = [p for p in arg.split("+") if p]
-        return multitask({p: get_task(p, model, text_column=text_column, label_column=label_column,
-                                      max_length=max_length, image_size=image_size, seed=seed, limit=limit)
-                          for p in parts}, name)
+        keys = task_keys(p for p in arg.split("+") if p)
+        return multitask({key: get_task(spec, model, text_column=text_column, label_column=label_column,
+                                        max_length=max_length, image_size=image_size, seed=seed, limit=limit)
+                          for spec, key in keys.items()}, name)
     if kind == "rotten_tomatoes":
         splits, modality = D.rotten_tomatoes(seed), "text"
     elif kind in ("csv", "jsonl") and arg:
@@ -278,7 +282,7 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
     else:
         raise TaskError(f"unknown task '{name}'{did_you_mean(name, [t.split(':')[0] for t in TASKS])}; "
                         f"choose one of {', '.join(TASKS)}")
-    if limit is not None and modality == "text":
+    if limit is not None and kind != "fashion_mnist":  # fashion_mnist reads only `limit` examples itself
         splits = _limit(splits, limit, seed)
     n = len(splits.classes)
     if modality == "text":
