@@ -62,19 +62,26 @@ def structure_heatmap(placements: Sequence[Placement], counts: Sequence[int], pa
 def search_curve(history: Sequence[TrialRecord], path: str | Path, title: str = "",
                  curve: Sequence[dict[str, Any]] = ()) -> Path:
     """Validation score of each trial and the best so far; with a supernet `curve` (S3PET), its
-    training loss and expected budget use over steps beside it."""
+    training loss and expected budget use over steps (alone when the search had a single trial, whose
+    score goes in the title: one point is not a curve)."""
+    fig = search_curve_figure(history, title, curve)
+    return _save(fig, path)
+
+
+def search_curve_figure(history: Sequence[TrialRecord], title: str = "",
+                        curve: Sequence[dict[str, Any]] = ()) -> Any:
     plt = _plt()
     done = sorted((r for r in history if r.score is not None), key=lambda r: r.number)
+    title = title or "search curve"
+    if curve and len(done) <= 1:
+        fig, ax2 = plt.subplots(figsize=(6, 3.5))
+        scores = f": trial {done[0].number} scored {done[0].score:.4f} on validation" if done else ""
+        _supernet_panel(ax2, curve, f"{title}{scores}")
+        fig.tight_layout()
+        return fig
     if curve:
         fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-        steps = [p["step"] for p in curve]
-        ax2.plot(steps, [p.get("loss") for p in curve], label="supernet loss", color="tab:blue")
-        ax2.set_xlabel("supernet step")
-        ax2.set_ylabel("training loss")
-        twin = ax2.twinx()
-        twin.plot(steps, [p.get("budget_use") for p in curve], label="expected budget use", color="tab:orange")
-        twin.set_ylabel("expected budget use")
-        ax2.set_title("supernet", fontsize=9)
+        _supernet_panel(ax2, curve, "supernet")
     else:
         fig, ax = plt.subplots(figsize=(6, 3.5))
     if done:
@@ -87,12 +94,28 @@ def search_curve(history: Sequence[TrialRecord], path: str | Path, title: str = 
         ax.scatter(xs, ys, s=14, label="trial", c=["tab:gray" if r.status == "pruned" else "tab:blue" for r in done])
         ax.step(xs, best, where="post", color="tab:red", label="best so far")
         ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # trials are whole numbers
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(title or "search curve", fontsize=9)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def _supernet_panel(ax: Any, curve: Sequence[dict[str, Any]], title: str) -> None:
+    steps = [p["step"] for p in curve]
+    ax.plot(steps, [p.get("loss") for p in curve], label="supernet loss", color="tab:blue")
+    ax.set_xlabel("supernet step")
+    ax.set_ylabel("training loss")
+    twin = ax.twinx()
+    twin.plot(steps, [p.get("budget_use") for p in curve], label="expected budget use", color="tab:orange")
+    twin.set_ylabel("expected budget use")
+    ax.set_title(title, fontsize=9)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plt().close(fig)
     return Path(path)
 
 
@@ -113,13 +136,16 @@ def pareto_plot(history: Sequence[TrialRecord], front: Sequence[TrialRecord], pa
     ax.legend(fontsize=8)
     ax.set_title(title or "score vs size", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def graph_picture(graph: Any, path: str | Path) -> Path:
-    """The model's roled modules as a layered drawing (stack x layer), coloured by role."""
+    """The model's roled modules as a layered drawing (stack x layer), coloured by role; the layers are
+    labelled L0, L1, ... as in structure files and structure.png."""
+    return _save(graph_figure(graph), path)
+
+
+def graph_figure(graph: Any) -> Any:
     import networkx as nx
 
     plt = _plt()
@@ -131,21 +157,22 @@ def graph_picture(graph: Any, path: str | Path) -> Path:
     stacks = {s: i for i, s in enumerate(dict.fromkeys(n.stack for n in nodes))}
     for n in nodes:
         g.add_node(n.path)
-        layer = n.layer if n.layer is not None else -1
-        pos[n.path] = (layer + 1 + 0.15 * stacks[n.stack], -roles.index(n.role) - 0.3 * stacks[n.stack])
+        layer = n.layer if n.layer is not None else -1  # outside the blocks: left of L0
+        pos[n.path] = (layer + 0.15 * stacks[n.stack], -roles.index(n.role) - 0.3 * stacks[n.stack])
         colours[n.path] = cmap(roles.index(n.role) % 20)
     for a, b, d in graph.g.edges(data=True):
         if a in pos and b in pos and d.get("kind") in ("next", "flow"):
             g.add_edge(a, b)
-    width = max(6, 0.6 * (max((p[0] for p in pos.values()), default=1) + 2))
+    layers = sorted({n.layer for n in nodes if n.layer is not None})
+    width = max(6, 0.6 * (len(layers) + 2))
     fig, ax = plt.subplots(figsize=(width, 0.45 * len(roles) + 1.5))
     nx.draw_networkx(g, pos, ax=ax, node_size=60, with_labels=False,
                      node_color=[colours[n] for n in g.nodes], arrows=False, width=0.3)
+    outside = any(n.layer is None for n in nodes)
+    ax.set_xticks(([-1] if outside else []) + layers, (["outside"] if outside else []) + [f"L{i}" for i in layers])
     ax.set_yticks([-i for i in range(len(roles))], roles)
-    ax.set_xlabel("layer (0 = outside the blocks)")
+    ax.set_xlabel("layer")
     ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
     ax.set_title(f"{graph.family}: sites by role and layer", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return fig

@@ -73,22 +73,24 @@ class Budget:
     memory: int | None = None
     include_head: bool = False
     spec: str = ""
+    memory_spec: str = ""  # the memory budget as the user wrote it ('1MB'), echoed back in that unit
 
     @classmethod
     def parse(cls, spec: str | None = None, memory: str | None = None, include_head: bool = False) -> Budget:
         """Read `--budget` and `--memory-budget`; a memory string given as `spec` counts as memory."""
         fraction = params = mem = None
+        mem_spec = ""
         if spec is not None and str(spec).strip():
             if _looks_like_memory(spec):
-                mem = parse_memory(spec)
+                mem, mem_spec = parse_memory(spec), str(spec).strip()
             else:
                 fraction, params = parse_params(spec)
         if memory is not None and str(memory).strip():
-            mem = parse_memory(memory)
+            mem, mem_spec = parse_memory(memory), str(memory).strip()
         if fraction is None and params is None and mem is None:
             raise BudgetError(f"no budget given; use {FORMS}")
         label = " + ".join(str(s) for s in (spec, memory) if s)
-        return cls(fraction, params, mem, include_head, label)
+        return cls(fraction, params, mem, include_head, label, mem_spec)
 
     def max_params(self, backbone_params: int) -> int | None:
         """The largest trainable-parameter count allowed for a backbone of this size (None: no limit)."""
@@ -117,7 +119,7 @@ class Budget:
         if self.params is not None:
             parts.append(f"{self.params:,} parameters")
         if self.memory is not None:
-            parts.append(f"{self.memory / 2**30:.2f} GiB of training memory")
+            parts.append(f"{self.memory_spec or _in_bytes(self.memory)} of training memory")
         return " and ".join(parts) + (" (head included)" if self.include_head else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,4 +128,13 @@ class Budget:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
         return cls(**{k: data.get(k) for k in ("fraction", "params", "memory")},
-                   include_head=bool(data.get("include_head", False)), spec=str(data.get("spec", "")))
+                   include_head=bool(data.get("include_head", False)), spec=str(data.get("spec", "")),
+                   memory_spec=str(data.get("memory_spec", "")))
+
+
+def _in_bytes(n: int) -> str:
+    """A byte count in the largest binary unit that keeps it at least 1 ('1.5GiB', '300MiB')."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n}B"

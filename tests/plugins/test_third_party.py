@@ -65,3 +65,24 @@ def test_unknown_plugin_suggests() -> None:
 
     with pytest.raises(PluginError, match="did you mean 'lora'"):
         create_plugin("loar")
+
+
+def test_the_example_plugins_searchable_dim_sizes_it_exactly() -> None:
+    """The README's plugin example declares one searchable dim (groups); each value's count is exact."""
+    import torch
+
+    from tests.helpers import frozen_tiny
+
+    if "ln_tuning" not in list_plugins():
+        pytest.skip("the example package petlsearch-ln-tuning is not installed")
+    plugin = create_plugin("ln_tuning")
+    model, graph = frozen_tiny("bert")
+    site = plugin.sites(graph)[0]
+    dim = plugin.dims(site)["groups"]
+    assert dim.default == site.get("size") and len(dim.choices) == 3
+    for groups in dim.choices:
+        module = plugin.build(site, {"groups": groups})
+        assert plugin.count(site, {"groups": groups}) == module.trainable_count() == groups
+        with torch.no_grad():
+            module.delta.copy_(torch.arange(groups, dtype=torch.float32))
+        assert module.delta_weight().shape == (site.get("size"),)

@@ -1,6 +1,10 @@
 """LayerNorm tuning as a third-party petlsearch plugin (Zhao et al., "Tuning LayerNorm in Attention:
-Towards Efficient Multi-Modal LLM Fine-tuning", 2023): train the gains (and optionally the biases)
-of normalisation layers. Registered through this package's own `petlsearch.plugins` entry point.
+Towards Efficient Multi-Modal LLM Fine-tuning", 2023): train the gains of normalisation layers.
+Registered through this package's own `petlsearch.plugins` entry point.
+
+One searchable hyperparameter shows how a plugin declares one: `groups`, the number of gain offsets
+per layer (each shared by a group of adjacent channels). Its default, one per channel, is the paper's
+method; a search under a tight budget may pick fewer.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from petlsearch.searchspace.sites import node_sites
 
 
 class GainOffset(WeightDelta):
-    """gamma -> gamma + gate * delta, delta starting at zero (identity at init)."""
+    """gamma -> gamma + gate * delta, delta starting at zero (identity at init): one offset per group
+    of size // groups adjacent channels."""
 
-    def __init__(self, site: Site, size: int) -> None:
+    def __init__(self, site: Site, size: int, groups: int) -> None:
         super().__init__(site)
-        self.delta = nn.Parameter(torch.zeros(size))
+        self.delta = nn.Parameter(torch.zeros(groups))
+        self.repeat = size // groups
 
     def delta_weight(self) -> torch.Tensor:
-        return self.delta
+        return self.delta.repeat_interleave(self.repeat)
 
 
 class LNTuning(Plugin):
@@ -45,10 +51,12 @@ class LNTuning(Plugin):
                 for s in node_sites(graph, "weight", roles=self.roles, param="weight")]
 
     def dims(self, site: Site) -> dict[str, ChoiceDim]:
-        return {}
+        n = site.get("size")
+        groups = tuple(g for g in (n // 4, n // 2, n) if g and n % g == 0)
+        return {"groups": ChoiceDim("groups", default=n, choices=groups, help="gain offsets per layer")}
 
     def count(self, site: Site, cfg: dict[str, Any]) -> int:
-        return site.get("size")
+        return cfg["groups"]
 
     def build(self, site: Site, cfg: dict[str, Any]) -> GainOffset:
-        return GainOffset(site, site.get("size"))
+        return GainOffset(site, site.get("size"), cfg["groups"])
