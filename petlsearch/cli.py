@@ -50,6 +50,22 @@ def _load_extra_plugins(specs: Sequence[str] | None) -> list[str]:
     return [load_spec(s).name for s in specs or []]
 
 
+def _load_structure(path: str, plugin_specs: Sequence[str] | None) -> Any:
+    """A structure file, read and checked: every plugin it names is installed (or given as --plugin)."""
+    from petlsearch.plugins.registry import get_plugin_class
+    from petlsearch.searchspace.structure import Structure
+
+    _load_extra_plugins(plugin_specs)
+    structure = Structure.load(path)
+    for name in sorted({p.plugin for p in structure.placements}):
+        try:
+            get_plugin_class(name)
+        except PetlsearchError as exc:
+            raise PetlsearchError(f"{path}: {exc}. Install the package that provides plugin '{name}' (its "
+                                  "'petlsearch.plugins' entry point), or pass --plugin package.module:Class") from None
+    return structure
+
+
 # ---------------------------------------------------------------------------- commands
 def _rate(text: str | None) -> dict[str, float]:
     """--lr: '3x' scales every plugin's recipe, '1e-3' is one absolute rate for every module."""
@@ -133,7 +149,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                         roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
                         fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
                         strategy_options=options, on_final_step=final_step, max_length=_max_length(args),
-                        run_config=_run_config(args))
+                        run_config=_run_config(args), text_column=args.text_column,
+                        label_column=args.label_column)
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "
@@ -154,11 +171,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.searchspace.structure import Structure
+
+    from petlsearch.smoke import NOTICE, smoke
 
     console = _console()
-    _load_extra_plugins(args.plugin)
-    structure = Structure.load(args.structure)
+    if smoke():
+        console.print(f"[yellow]warning: {NOTICE}[/yellow]", highlight=False)
+    structure = _load_structure(args.structure, args.plugin)
     recorded = dict(structure.train)  # how the search trained it: the learning-rate scale it found, ...
     recorded_length = recorded.pop("max_length", None)  # a task setting, not a TrainConfig field
     max_length = _max_length(args) or recorded_length
@@ -167,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if unknown:
         raise PetlsearchError(f"{args.structure}: train section has unknown setting(s) {unknown}; "
                               f"valid: {sorted(known)}")
-    task = get_task(args.task, args.model, seed=args.seed, **({"max_length": max_length} if max_length else {}))
+    task = get_task(args.task, args.model, seed=args.seed, text_column=args.text_column,
+                    label_column=args.label_column, **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
     plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
     structure.resolve(graph, plugins, force=args.force)  # fail early, naming the site or the backbone
@@ -232,10 +252,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from petlsearch.searchspace.structure import Structure
-
     console = _console(stdout=True)
-    s = Structure.load(args.structure)
+    s = _load_structure(args.structure, args.plugin)
     res = s.result
     console.print(f"backbone: {s.backbone.name} ({s.backbone.family}, {s.backbone.num_parameters:,} parameters)")
     if s.budget:
@@ -275,6 +293,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def _column_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text", help="text column of a csv:/jsonl: task (default: text)")
+    p.add_argument("--label-column", default="label", help="label column of a csv:/jsonl: task (default: label)")
+
+
 def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", help="learning rate: a scale of every plugin's recipe ('3x', '0.3x'), or one absolute "
                    "rate for every module ('1e-3'); given, the search does not search it")
@@ -300,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strategy", default="s3pet", help="s3pet (default) | optuna | ray | random | module:Class")
     s.add_argument("--model", help="minilm (default), efficientnet-lite0, a local folder, or a hub name")
     s.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes, fashion_mnist, digits, csv:PATH, "
-                   "jsonl:PATH, images:DIR, hub:NAME")
+                   "jsonl:PATH, images:DIR, hub:NAME, lm:FILE, multi:TASK+TASK")
+    _column_flags(s)
     s.add_argument("--plugins", help="comma-separated plugin names (default: lora,adapter,parallel_adapter,bitfit,ia3)")
     s.add_argument("--plugin", action="append", help="extra plugin as package.module:Class (repeatable)")
     s.add_argument("--roles", help="only sites of these roles, e.g. attn.q,attn.v,ffn")
@@ -325,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("structure")
     t.add_argument("--model")
     t.add_argument("--task", default="rotten_tomatoes")
+    _column_flags(t)
     t.add_argument("--steps", type=int, help="training steps (default: the structure's train section, else 250)")
     t.add_argument("--seed", type=int, default=0)
     _training_flags(t)
@@ -345,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("show", help="summarise a structure file")
     sh.add_argument("structure")
+    sh.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
     sh.set_defaults(func=cmd_show)
 
     e = sub.add_parser("export", help="convert a structure: --to peft | yaml | json")

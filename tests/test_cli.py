@@ -91,3 +91,25 @@ def test_graph_of_minilm(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "encoder.L5.attn.q" in out.stdout and "6 layers" in out.stdout
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_show_names_a_plugin_that_is_not_installed(tmp_path) -> None:
+    """`show` checks the plugins as `train` does: a missing one is one line naming it and the way in."""
+    from petlsearch.searchspace.structure import Backbone, Placement, Structure
+
+    path = Structure(Backbone("tiny"), [Placement("encoder.L0.attn.q:weight", "vera", {"rank": 4})]).save(
+        tmp_path / "s.yaml")
+    for command in ("show", "train"):
+        out = run(command, str(path))
+        assert out.returncode == 2, out.stderr
+        lines = [x for x in out.stderr.splitlines() if x.startswith("petlsearch: error")]
+        assert len(lines) == 1 and "unknown plugin 'vera'" in lines[0] and "--plugin package.module:Class" in lines[0]
+
+
+def test_a_memory_budget_is_echoed_in_the_users_unit() -> None:
+    from petlsearch.searchspace.budget import Budget
+
+    assert Budget.parse("0.1%", "1MB").describe(10**6) == ("0.1% of the backbone = 1,000 parameters and 1MB of "
+                                                            "training memory")
+    assert "512MiB of training memory" in Budget.parse("512MiB").describe()
+    assert Budget.from_dict({"memory": 3 * 2**29}).describe() == "1.5GiB of training memory"  # older files

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def fashion_mnist(seed: int = 0, limit: int | None = None, root: Path = FASHION_
         x_test, y_test = x_test[t_keep], y_test[t_keep]
     from sklearn.model_selection import train_test_split
 
-    tr, va = train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=seed)
+    # a tenth for validation (sklearn's own rounding), and at least one image of each class
+    n_val = max(math.ceil(0.1 * len(y)), len(FASHION_MNIST_CLASSES))
+    tr, va = train_test_split(np.arange(len(y)), test_size=n_val, stratify=y, random_state=seed)
     return Splits(x[tr], y[tr], x[va], y[va], x_test, y_test, FASHION_MNIST_CLASSES)
 
 

@@ -23,6 +23,7 @@ from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Structure
+from petlsearch.smoke import NOTICE, smoke
 from petlsearch.strategies.base import LR_SCALES, SearchContext, SearchResult, TrialRecord, get_strategy
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
            fidelity: TrainConfig | None = None, final: TrainConfig | None = None, timeout: float | None = None,
            strategy_options: dict[str, Any] | None = None, progress: Any = None,
            on_final_step: Any = None, search_lr: bool | None = None, max_length: int | None = None,
-           run_config: dict[str, Any] | None = None) -> RunResult:
+           run_config: dict[str, Any] | None = None, text_column: str = "text",
+           label_column: str = "label") -> RunResult:
     """Search a structure for `model` on `task` under `budget`, retrain it, and write the run folder.
 
     Every module trains at its plugin's recipe; the black-box strategies (random, optuna, ray)
@@ -60,10 +62,13 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     `progress(message)` receives one line per phase and trial; `on_final_step(advance=1)` is called
     after each step of the final retraining (a progress bar's update). `run_config` is written to the
     run folder as run.yaml (the CLI's options, so that `petlsearch search --config` repeats the run).
+    `text_column` / `label_column` name the columns of a file task (csv:PATH, jsonl:PATH).
 
     >>> result = petlsearch.search(budget="0.1%", strategy="random", trials=4)  # doctest: +SKIP
     >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
     """
+    capped = smoke()
+    trials = min(trials, capped.trials) if capped else trials
     budget = budget if isinstance(budget, Budget) else Budget.parse(budget, memory_budget, include_head)
     strat = get_strategy(strategy, **(strategy_options or {}))  # bad names fail before any loading
     fidelity = fidelity or replace(SEARCH_FIDELITY, seed=seed)
@@ -81,9 +86,12 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
         else:
             log.warning("%s", msg)
 
+    if capped:
+        warn(NOTICE)
     t0 = time.monotonic()
     if not isinstance(task, Task):
-        task = get_task(task, model, seed=seed, **({"max_length": max_length} if max_length else {}))
+        task = get_task(task, model, seed=seed, text_column=text_column, label_column=label_column,
+                        **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
     space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
     limit = budget.max_params(space.backbone_params)
@@ -123,7 +131,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
               "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
               "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
               "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
-              "baselines": baselines, "beats_baselines": learned}
+              "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {})}
     if budget.memory is not None:
         result["memory_estimate"] = space.memory(found.best, shape)
     structure = space.structure(found.best, budget, name=task.model_name, result=result)
@@ -131,6 +139,9 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
     say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
         f"trainable parameters (+{outcome.head_params:,} head)")
+    per_task = {k.rsplit("/", 1)[0]: v for k, v in outcome.test.items() if k.endswith(f"/{task.metric}")}
+    if per_task:  # a mixture: its score is the mean of these
+        say(f"test {task.metric} per task: " + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items()))
     return RunResult(found, structure, outcome, out_dir, files)
 
 

@@ -9,13 +9,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from petlsearch.runners.tasks import Task
+from petlsearch.smoke import smoke
 from petlsearch.searchspace.recipe import DEFAULT_RECIPE, HEAD_LR, Recipe
 
 if TYPE_CHECKING:
@@ -165,6 +166,9 @@ def train(model: nn.Module, task: Task, groups: list[ParamGroup], cfg: TrainConf
     `after_step` callbacks run after every optimizer step (S3PET's architecture step);
     `progress` is an optional rich Progress task handle updater `progress(advance=1)`.
     """
+    capped = smoke()
+    if capped is not None and cfg.steps > capped.steps:
+        cfg = replace(cfg, steps=capped.steps)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device).train()
