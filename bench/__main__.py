@@ -22,9 +22,9 @@ from pathlib import Path
 from bench.common import RESULTS, Options, Report, Table, Target, environment
 
 log = logging.getLogger("bench")
-BENCHMARKS = ("overhead", "scale", "memory", "recipes", "fidelity", "zoo", "search", "pruning", "vision")
+BENCHMARKS = ("overhead", "scale", "memory", "recipes", "fidelity", "zoo", "horizon", "search", "pruning", "vision")
 CHEAP = ("overhead", "scale", "memory")
-SHARED = ("recipes", "fidelity", "zoo", "search", "vision")  # made of independent runs kept in a run log: --jobs 2 splits them
+SHARED = ("recipes", "fidelity", "zoo", "horizon", "search", "vision")  # made of independent runs kept in a run log: --jobs 2 splits them
 SUITE_LIMIT_MIN = 120  # every benchmark in full mode, end to end, on 2 CPU cores (issue 12)
 
 

@@ -263,3 +263,12 @@ def test_a_run_claimed_by_a_live_process_is_waited_for_not_run_twice(tmp_path: P
     log._claim_path(other).write_text(str(sleeper.pid))  # a claim whose process has died
     assert log.run(other, lambda: 8) == 8
     assert not list(claim.parent.iterdir())  # finished runs leave no claim behind
+
+
+def test_horizon_quick(tmp_path: Path) -> None:
+    report = run_one("horizon", Options(quick=True, out=tmp_path))
+    data = _check_written(report, tmp_path)
+    runs = data["data"]["runs"]
+    assert set(runs) == {"head only", "prompt_tuning"}
+    assert [int(s) for s, _, _ in runs["prompt_tuning"]["curve"]] == [2, 4]  # every 2 of 4 steps, and the end
+    assert runs["head only"]["trainable"] == 0 < runs["prompt_tuning"]["trainable"]
