@@ -75,7 +75,7 @@ def measure(config: Any, repeats: int, samples: int, plugins: tuple[str, ...] = 
         t, structures = timed(lambda: [space.sample(rng, budget) for _ in range(samples)])
         sample_times.append(t)
     t_sample = med(sample_times)
-    limit = budget.max_params(space.backbone_params)
+    limit = space.bind(budget).limit
     over = sum(space.count(s) > limit for s in structures[:100])  # spot check: all must fit
     if over:
         raise AssertionError(f"{over} of 100 sampled structures exceed the budget")

@@ -103,7 +103,7 @@ def hand_made_work(task: Any, space: Any, budget: str, final: Any, designs: Any,
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.budget import Budget
 
-    limit = Budget.parse(budget).max_params(space.backbone_params)
+    limit = space.bind(Budget.parse(budget)).limit
     cfg = replace(final, seed=seed)
     work = []
     for label, plugin, roles in designs:

@@ -109,7 +109,7 @@ def test_show_names_a_plugin_that_is_not_installed(tmp_path) -> None:
 def test_a_memory_budget_is_echoed_in_the_users_unit() -> None:
     from petlsearch.searchspace.budget import Budget
 
-    assert Budget.parse("0.1%", "1MB").describe(10**6) == ("0.1% of the backbone = 1,000 parameters and 1MB of "
+    assert Budget.parse("0.1%", "1MB").bind(10**6).describe() == ("0.1% of the backbone = 1,000 parameters and 1MB of "
                                                             "training memory")
     assert "512MiB of training memory" in Budget.parse("512MiB").describe()
     assert Budget.from_dict({"memory": 3 * 2**29}).describe() == "1.5GiB of training memory"  # older files

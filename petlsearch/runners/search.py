@@ -94,16 +94,18 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
                         **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
     space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
-    limit = budget.max_params(space.backbone_params)
+    budget = budget.bind(space.backbone_params, space.head_params if task.new_head else 0)  # once, for all
+    limit = budget.limit
     if not space.candidates:
         raise PetlsearchError(f"no site of plugins {list(plugins)} matches roles={roles} layers={layers}")
     if limit is not None and min(c.min_cost for c in space.candidates) > limit:
         cheapest = min(space.candidates, key=lambda c: c.min_cost)
-        raise BudgetError(f"budget {budget.describe(space.backbone_params)} is too small: the cheapest candidate "
+        left = f" ({max(limit, 0):,} left beside the head)" if budget.include_head else ""
+        raise BudgetError(f"budget {budget.describe()} is too small{left}: the cheapest candidate "
                           f"({cheapest.key}) needs {cheapest.min_cost:,} parameters")
     size = space.size()
     say(f"{task.model_name} on {task.name}: {space.backbone_params:,} backbone parameters; budget "
-        f"{budget.describe(space.backbone_params)}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
+        f"{budget.describe()}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
     shape = BatchShape(fidelity.batch_size, task.max_length)
 
     def objective(placements: Any, report: Any, train: dict[str, float] | None = None) -> TrialOutcome:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from petlsearch.errors import BudgetError
@@ -74,6 +74,10 @@ class Budget:
     include_head: bool = False
     spec: str = ""
     memory_spec: str = ""  # the memory budget as the user wrote it ('1MB'), echoed back in that unit
+    # set once by `bind`: the backbone a fraction is of, and the head's parameters (which an
+    # include_head budget pays for before any module)
+    backbone_params: int | None = None
+    head_params: int = 0
 
     @classmethod
     def parse(cls, spec: str | None = None, memory: str | None = None, include_head: bool = False) -> Budget:
@@ -92,44 +96,57 @@ class Budget:
         label = " + ".join(str(s) for s in (spec, memory) if s)
         return cls(fraction, params, mem, include_head, label, mem_spec)
 
-    def max_params(self, backbone_params: int) -> int | None:
-        """The largest trainable-parameter count allowed for a backbone of this size (None: no limit)."""
+    def bind(self, backbone_params: int, head_params: int = 0) -> Budget:
+        """This budget for one backbone (what a fraction is of) and its task head."""
+        return replace(self, backbone_params=int(backbone_params), head_params=int(head_params))
+
+    @property
+    def total(self) -> int | None:
+        """The parameter budget itself, head included if it counts (None: no parameter limit)."""
         if self.params is not None:
             return self.params
         if self.fraction is not None:
-            return int(math.floor(self.fraction * backbone_params))
+            if self.backbone_params is None:
+                raise BudgetError(f"budget {self.spec or self.fraction!r} is a fraction of a backbone: bind it first")
+            return int(math.floor(self.fraction * self.backbone_params))
         return None
 
-    def fits(self, params: int, backbone_params: int, memory: int | None = None, head_params: int = 0) -> bool:
-        """True when `params` (plus the head if the budget includes it) and the estimated `memory`
-        (with MEMORY_HEADROOM for the model's error) are within budget."""
-        limit = self.max_params(backbone_params)
-        used = params + (head_params if self.include_head else 0)
-        if limit is not None and used > limit:
+    @property
+    def limit(self) -> int | None:
+        """The most trainable parameters the modules may use: the budget, less the head when it counts."""
+        total = self.total
+        return None if total is None else total - (self.head_params if self.include_head else 0)
+
+    def fits(self, params: int, memory: int | None = None) -> bool:
+        """True when the modules' `params` and the estimated `memory` (with MEMORY_HEADROOM for the
+        model's error) are within budget."""
+        limit = self.limit
+        if limit is not None and params > limit:
             return False
         return not (self.memory is not None and memory is not None and memory * (1 + MEMORY_HEADROOM) > self.memory)
 
-    def describe(self, backbone_params: int | None = None) -> str:
+    def describe(self) -> str:
         parts = []
         if self.fraction is not None:
             p = f"{self.fraction * 100:g}% of the backbone"
-            if backbone_params:
-                p += f" = {self.max_params(backbone_params):,} parameters"
+            if self.backbone_params:
+                p += f" = {self.total:,} parameters"
             parts.append(p)
         if self.params is not None:
             parts.append(f"{self.params:,} parameters")
         if self.memory is not None:
             parts.append(f"{self.memory_spec or _in_bytes(self.memory)} of training memory")
-        return " and ".join(parts) + (" (head included)" if self.include_head else "")
+        head = f" (the head's {self.head_params:,} included)" if self.head_params else " (head included)"
+        return " and ".join(parts) + (head if self.include_head else "")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Budget:
-        return cls(**{k: data.get(k) for k in ("fraction", "params", "memory")},
+        return cls(**{k: data.get(k) for k in ("fraction", "params", "memory", "backbone_params")},
                    include_head=bool(data.get("include_head", False)), spec=str(data.get("spec", "")),
-                   memory_spec=str(data.get("memory_spec", "")))
+                   memory_spec=str(data.get("memory_spec", "")), head_params=int(data.get("head_params") or 0))
 
 
 def _in_bytes(n: int) -> str:

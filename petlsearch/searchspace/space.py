@@ -6,7 +6,7 @@ Example::
     space = SearchSpace.from_graph(graph, ["lora", "adapter", "bitfit"], roles=("attn.q", "attn.v", "ffn"))
     budget = Budget.parse("0.1%")
     structure = space.sample(random.Random(0), budget)   # a list of Placements that fits
-    assert space.count(structure) <= budget.max_params(graph.num_parameters())
+    assert space.count(structure) <= space.bind(budget).limit
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class SearchSpace:
         self.candidates = candidates
         self._by_key = {c.key: c for c in candidates}
         self.backbone_params = graph.num_parameters()
+        self.head_params = graph.num_parameters(include_head=True) - self.backbone_params
 
     @classmethod
     def from_graph(cls, graph: ModelGraph, plugins: Iterable[str | Plugin], roles: Sequence[str] | None = None,
@@ -118,9 +119,14 @@ class SearchSpace:
 
         return estimate(self.graph, self._resolved(placements), shape).total
 
+    def bind(self, budget: Budget) -> Budget:
+        """`budget` for this space's backbone and head (as it is, when already bound)."""
+        return budget if budget.backbone_params is not None else budget.bind(self.backbone_params, self.head_params)
+
     def fits(self, placements: Sequence[Placement], budget: Budget, shape: BatchShape | None = None) -> bool:
+        budget = self.bind(budget)
         memory = self.memory(placements, shape) if budget.memory is not None and shape is not None else None
-        return budget.fits(self.count(placements), self.backbone_params, memory)
+        return budget.fits(self.count(placements), memory)
 
     def _resolved(self, placements: Sequence[Placement]) -> list[tuple[Plugin, Site, dict[str, Any]]]:
         out = []
@@ -138,11 +144,12 @@ class SearchSpace:
                max_placements: int | None = None) -> list[Placement]:
         """A random structure that fits `budget`: a random number of random candidates, each with a
         random config, added while they fit (a config that does not fit is shrunk to the smallest)."""
-        limit = budget.max_params(self.backbone_params)
+        budget = self.bind(budget)
+        limit = budget.limit
         pool = [c for c in self.candidates if limit is None or c.min_cost <= limit]
         if not pool:
             cheapest = min((c.min_cost for c in self.candidates), default=0)
-            raise BudgetError(f"no candidate fits the budget ({budget.describe(self.backbone_params)}); "
+            raise BudgetError(f"no candidate fits the budget ({budget.describe()}); "
                               f"the cheapest needs {cheapest:,} parameters")
         k = rng.randint(1, min(len(pool), max_placements or len(pool)))
         chosen: list[Placement] = []
@@ -160,7 +167,7 @@ class SearchSpace:
                 extra = plugin.shared_count(cand.site, config) if key is not None and (cand.plugin, key) not in shared else 0
                 cost = used + plugin.count(cand.site, config) + extra
                 memory = self.memory([*chosen, cand.placement(config)], shape) if check_memory else None
-                if budget.fits(cost, self.backbone_params, memory):
+                if budget.fits(cost, memory):
                     chosen.append(cand.placement(config))
                     used = cost
                     if key is not None:

@@ -180,14 +180,18 @@ class SearchContext:
     def out_of_time(self) -> bool:
         return self.timeout is not None and time.monotonic() - self._start > self.timeout
 
+    def __post_init__(self) -> None:
+        if self.space is not None:  # one backbone and head: one limit everywhere
+            self.budget = self.space.bind(self.budget)
+
     def limit(self) -> int | None:
-        return self.budget.max_params(self.space.backbone_params)
+        return self.budget.limit
 
     def check_fits(self, placements: Sequence[Placement]) -> int:
         """The exact count of `placements`; raise if over budget (strategies must never return that)."""
         n = self.space.count(placements)
         if not self.space.fits(placements, self.budget, self.shape):
-            raise BudgetError(f"structure with {n:,} parameters exceeds {self.budget.describe(self.space.backbone_params)}")
+            raise BudgetError(f"structure with {n:,} parameters exceeds {self.budget.describe()}")
         return n
 
     def sample_train(self, rng: random.Random) -> dict[str, float]:

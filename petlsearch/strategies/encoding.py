@@ -80,7 +80,7 @@ class Encoding:
             raise PetlsearchError(f"infeasible='{infeasible}' is not one of {', '.join(INFEASIBLE)}")
         if buckets < 1:
             raise PetlsearchError(f"buckets must be at least 1, got {buckets}")
-        self.space, self.budget, self.buckets, self.infeasible = space, budget, buckets, infeasible
+        self.space, self.budget, self.buckets, self.infeasible = space, space.bind(budget), buckets, infeasible
         self.lr_scales = tuple(lr_scales) if lr_scales is not None else None
         self.shape = shape if budget.memory is not None else None
         if group_by == "auto":
@@ -152,7 +152,7 @@ class Encoding:
         """Shrink the dearest placements, then drop the dearest, until the structure fits."""
         items = list(placements)
         costs = [self.space.count([p]) for p in items]
-        limit = self.budget.max_params(self.space.backbone_params)
+        limit = self.budget.limit
         # without shared parts the sum of single counts is exact, so most checks need no recount
         exact = not any(self.space.plugins[p.plugin].shared_key(self.space.candidate(p.candidate_key).site, p.config)
                         is not None for p in items)

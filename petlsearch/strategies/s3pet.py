@@ -143,7 +143,7 @@ class S3PETSearch(Strategy):
                                                                ctx.shape),
                              key=lambda i: arms[i].placement.key)
         if not chosen:
-            budget = ctx.budget.describe(ctx.space.backbone_params)
+            budget = ctx.budget.describe()
             raise PetlsearchError(f"s3pet: no candidate fits the budget {budget}")
         return sorted(chosen)
 

@@ -231,7 +231,7 @@ def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int 
 
     arms = expand_arms(ctx.space, ctx.budget, ctx.shape, sizes)
     if not arms:
-        raise BudgetError(f"s3pet: no candidate fits the budget {ctx.budget.describe(ctx.space.backbone_params)}")
+        raise BudgetError(f"s3pet: no candidate fits the budget {ctx.budget.describe()}")
     model = task.make_model()
     freeze_backbone(model)
     model.to(device)
@@ -297,7 +297,7 @@ def expand_arms(space: SearchSpace, budget: Budget, shape: BatchShape, sizes: in
             arms.append(Arm(f"{cand.key}[{size}]" if size else cand.key, cand.placement(cfg), 0.0, cand))
     _set_param_costs(space, arms)
     if sizes == AUTO:
-        arms = _held(space, arms, budget.max_params(space.backbone_params))
+        arms = _held(space, arms, space.bind(budget).limit)
     return arms
 
 
@@ -323,7 +323,7 @@ def auto_scale(space: SearchSpace, budget: Budget) -> float:
     chooses among candidates that the budget can hold several of: at the default sizes a budget of
     0.1% of MiniLM holds three LoRAs of rank 8, where the authors' space is LoRA of rank 1 at every
     projection. 1 (the defaults) under a memory budget alone."""
-    limit = budget.max_params(space.backbone_params)
+    limit = space.bind(budget).limit
     if limit is None:
         return 1.0
     sized = [(space.plugins[c.plugin], c, _size_dims(space.plugins[c.plugin], c)) for c in space.candidates]
@@ -402,7 +402,7 @@ def constraints(ctx: SearchContext, arms: list[Arm]) -> list[Constraint]:
     (n_i = searchspace.memory.marginal_cost, an additive upper bound, against the memory left
     after the frozen model and the logits)."""
     out = []
-    limit = ctx.budget.max_params(ctx.space.backbone_params)
+    limit = ctx.budget.limit
     if limit is not None:
         out.append(_relaxed(Constraint("params", torch.tensor([a.cost for a in arms], dtype=torch.float64),
                                        float(limit))))

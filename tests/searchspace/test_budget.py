@@ -34,12 +34,18 @@ def test_bad_budgets_are_one_line_errors(bad: str) -> None:
 
 
 def test_limits_and_head() -> None:
-    b = Budget.parse("0.01%")
-    assert b.max_params(22_700_000) == 2270
-    assert b.fits(2270, 22_700_000) and not b.fits(2271, 22_700_000)
-    with_head = Budget.parse("0.01%", include_head=True)
-    assert b.fits(2000, 22_700_000, head_params=770) and not with_head.fits(2000, 22_700_000, head_params=771)
+    b = Budget.parse("0.01%").bind(22_700_000, head_params=770)
+    assert b.total == b.limit == 2270
+    assert b.fits(2270) and not b.fits(2271)
+    with_head = Budget.parse("0.01%", include_head=True).bind(22_700_000, head_params=770)
+    assert with_head.total == 2270 and with_head.limit == 1500  # the head pays first
+    assert with_head.fits(1500) and not with_head.fits(1501)
+    assert "the head's 770 included" in with_head.describe()
+    with pytest.raises(BudgetError, match="bind it first"):
+        _ = Budget.parse("0.01%").limit
     both = Budget.parse("25k", "1GiB")
-    assert not both.fits(10, 10**6, memory=2**31) and both.fits(10, 10**6, memory=2**29)
-    assert not both.fits(10, 10**6, memory=int(0.96 * 2**30))  # estimates keep 5% headroom
+    assert both.limit == 25_000  # an absolute budget needs no backbone
+    assert not both.fits(10, memory=2**31) and both.fits(10, memory=2**29)
+    assert not both.fits(10, memory=int(0.96 * 2**30))  # estimates keep 5% headroom
+    assert Budget.from_dict(with_head.to_dict()) == with_head
     assert Budget.from_dict(both.to_dict()) == both

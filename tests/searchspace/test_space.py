@@ -42,7 +42,7 @@ def test_filters_and_size() -> None:
 def test_random_structures_never_exceed_random_budgets(family: str, fraction: float, seed: int) -> None:
     space = space_of(family)
     budget = Budget(fraction=fraction)
-    limit = budget.max_params(space.backbone_params)
+    limit = space.bind(budget).limit
     if min(c.min_cost for c in space.candidates) > limit:
         with pytest.raises(BudgetError):
             space.sample(random.Random(seed), budget)

@@ -47,7 +47,7 @@ def test_random_decodes_never_exceed_the_budget(space, group_by):
     for spec in ("300", "2k", "0.1%"):
         budget = Budget.parse(spec)
         enc = Encoding(space, budget, group_by=group_by)
-        limit = budget.max_params(space.backbone_params)
+        limit = space.bind(budget).limit
         decoded = 0
         for _ in range(350):
             placements = enc.decode(enc.suggest(RandomTrial(rng)))

@@ -82,3 +82,20 @@ def test_resume_from_a_stale_journal_is_a_clear_error(tiny_task, tmp_path) -> No
     with pytest.raises(PetlsearchError, match="cannot resume.*does not have"):
         search(task=tiny_task, budget="2%", strategy="random", trials=2, out=out, fidelity=FAST, final=FAST,
                resume=True)
+
+
+@pytest.mark.parametrize("strategy", ["random", "s3pet"])
+def test_include_head_makes_the_head_pay_first(tiny_task, strategy: str) -> None:
+    """--include-head changes what a search returns: the tiny BERT's head (66 parameters) comes out of
+    the budget before any module, so 100 parameters hold one rank-1 LoRA (64) without it and none with
+    it, and at 200 every structure leaves room for the head."""
+    from petlsearch.errors import BudgetError
+
+    kwargs = dict(task=tiny_task, strategy=strategy, plugins=["lora"], trials=2, fidelity=FAST, final=FAST)
+    without = search(budget="100", **kwargs).structure.result
+    assert 0 < without["trainable_params"] <= 100 and without["head_params"] == 66
+    with pytest.raises(BudgetError, match="34 left beside the head"):
+        search(budget="100", include_head=True, **kwargs)
+    result = search(budget="200", include_head=True, **kwargs)
+    assert 0 < result.structure.result["trainable_params"] <= 200 - 66
+    assert all(r.params + 66 <= 200 for r in result.search.history)
