@@ -9,11 +9,13 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from petlsearch.errors import BudgetError, PetlsearchError
+from petlsearch.files import LOCK_NAME, RunFolderLock, write_text
 from petlsearch.plugins.base import BatchShape
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
@@ -75,76 +77,79 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     final = final or replace(FINAL_FIDELITY, seed=seed)
     if search_lr is None:
         search_lr = fidelity.lr is None and fidelity.lr_scale == 1.0
-    out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
-                                         "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
-                                         "trials": trials, "seed": seed, "search_lr": search_lr}, run_config)
-    say = progress or (lambda msg: log.info("%s", msg))
+    with ExitStack() as owned:
+        if out is not None:  # one process owns a run folder (a second fails, naming the owner)
+            owned.enter_context(RunFolderLock(out))
+        out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
+                                             "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
+                                             "trials": trials, "seed": seed, "search_lr": search_lr}, run_config)
+        say = progress or (lambda msg: log.info("%s", msg))
 
-    def warn(msg: str) -> None:
-        if progress is not None:
-            progress(f"warning: {msg}")
-        else:
-            log.warning("%s", msg)
+        def warn(msg: str) -> None:
+            if progress is not None:
+                progress(f"warning: {msg}")
+            else:
+                log.warning("%s", msg)
 
-    if capped:
-        warn(NOTICE)
-    t0 = time.monotonic()
-    if not isinstance(task, Task):
-        task = get_task(task, model, seed=seed, text_column=text_column, label_column=label_column,
-                        **({"max_length": max_length} if max_length else {}))
-    graph = ModelGraph.from_model(task.make_model())
-    space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
-    budget = budget.bind(space.backbone_params, space.head_params if task.new_head else 0)  # once, for all
-    limit = budget.limit
-    if not space.candidates:
-        raise PetlsearchError(f"no site of plugins {list(plugins)} matches roles={roles} layers={layers}")
-    if limit is not None and min(c.min_cost for c in space.candidates) > limit:
-        cheapest = min(space.candidates, key=lambda c: c.min_cost)
-        left = f" ({max(limit, 0):,} left beside the head)" if budget.include_head else ""
-        raise BudgetError(f"budget {budget.describe()} is too small{left}: the cheapest candidate "
-                          f"({cheapest.key}) needs {cheapest.min_cost:,} parameters")
-    size = space.size()
-    say(f"{task.model_name} on {task.name}: {space.backbone_params:,} backbone parameters; budget "
-        f"{budget.describe()}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
-    shape = BatchShape(fidelity.batch_size, task.max_length)
+        if capped:
+            warn(NOTICE)
+        t0 = time.monotonic()
+        if not isinstance(task, Task):
+            task = get_task(task, model, seed=seed, text_column=text_column, label_column=label_column,
+                            **({"max_length": max_length} if max_length else {}))
+        graph = ModelGraph.from_model(task.make_model())
+        space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
+        budget = budget.bind(space.backbone_params, space.head_params if task.new_head else 0)  # once, for all
+        limit = budget.limit
+        if not space.candidates:
+            raise PetlsearchError(f"no site of plugins {list(plugins)} matches roles={roles} layers={layers}")
+        if limit is not None and min(c.min_cost for c in space.candidates) > limit:
+            cheapest = min(space.candidates, key=lambda c: c.min_cost)
+            left = f" ({max(limit, 0):,} left beside the head)" if budget.include_head else ""
+            raise BudgetError(f"budget {budget.describe()} is too small{left}: the cheapest candidate "
+                              f"({cheapest.key}) needs {cheapest.min_cost:,} parameters")
+        size = space.size()
+        say(f"{task.model_name} on {task.name}: {space.backbone_params:,} backbone parameters; budget "
+            f"{budget.describe()}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
+        shape = BatchShape(fidelity.batch_size, task.max_length)
 
-    def objective(placements: Any, report: Any, train: dict[str, float] | None = None) -> TrialOutcome:
-        return run_trial(task, placements, space.plugins, with_train(fidelity, train), report=report)
+        def objective(placements: Any, report: Any, train: dict[str, float] | None = None) -> TrialOutcome:
+            return run_trial(task, placements, space.plugins, with_train(fidelity, train), report=report)
 
-    ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say,
-                        lr_scales=LR_SCALES if search_lr else None)
-    found = strat.run(ctx)
-    ctx.check_fits(found.best)  # never return an over-budget structure
-    if not distinguished(found.history):
-        warn(f"the search's {len(found.history)} trials all scored {found.history[0].score:.4f} ({task.metric}) on "
-             "validation: that score could not tell structures apart, their validation loss ranked them; give "
-             "trials more --steps for a clearer ranking")
-    final = with_train(final, found.train)
-    say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters"
-        + (f", lr x{final.lr_scale:.3g}" if found.train else "") + ")")
-    weights = out_dir / "weights.safetensors" if out_dir else None
-    outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights,
-                        progress=on_final_step)
-    say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps")
-    baselines = trivial_baselines(task, final)
-    learned = beats(outcome.test, baselines, task.metric)
-    _judge(outcome.test.get(task.metric, float("nan")), baselines, task.metric, learned, say, warn)
-    result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
-              "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
-              "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
-              "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
-              "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {})}
-    if budget.memory is not None:
-        result["memory_estimate"] = space.memory(found.best, shape)
-    structure = space.structure(found.best, budget, name=task.model_name, result=result)
-    structure.train = train_section(final, task.max_length)
-    files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
-    say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
-        f"trainable parameters (+{outcome.head_params:,} head)")
-    per_task = {k.rsplit("/", 1)[0]: v for k, v in outcome.test.items() if k.endswith(f"/{task.metric}")}
-    if per_task:  # a mixture: its score is the mean of these
-        say(f"test {task.metric} per task: " + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items()))
-    return RunResult(found, structure, outcome, out_dir, files)
+        ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say,
+                            lr_scales=LR_SCALES if search_lr else None)
+        found = strat.run(ctx)
+        ctx.check_fits(found.best)  # never return an over-budget structure
+        if not distinguished(found.history):
+            warn(f"the search's {len(found.history)} trials all scored {found.history[0].score:.4f} ({task.metric}) on "
+                 "validation: that score could not tell structures apart, their validation loss ranked them; give "
+                 "trials more --steps for a clearer ranking")
+        final = with_train(final, found.train)
+        say(f"search done in {found.seconds:.0f}s; retraining the best structure ({space.count(found.best):,} parameters"
+            + (f", lr x{final.lr_scale:.3g}" if found.train else "") + ")")
+        weights = out_dir / "weights.safetensors" if out_dir else None
+        outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights,
+                            progress=on_final_step)
+        say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps")
+        baselines = trivial_baselines(task, final)
+        learned = beats(outcome.test, baselines, task.metric)
+        _judge(outcome.test.get(task.metric, float("nan")), baselines, task.metric, learned, say, warn)
+        result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
+                  "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
+                  "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
+                  "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
+                  "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {})}
+        if budget.memory is not None:
+            result["memory_estimate"] = space.memory(found.best, shape)
+        structure = space.structure(found.best, budget, name=task.model_name, result=result)
+        structure.train = train_section(final, task.max_length)
+        files = _write_run(out_dir, structure, found, space, limit) if out_dir else {}
+        say(f"test {task.metric} {outcome.test.get(task.metric, float('nan')):.4f} with {result['trainable_params']:,} "
+            f"trainable parameters (+{outcome.head_params:,} head)")
+        per_task = {k.rsplit("/", 1)[0]: v for k, v in outcome.test.items() if k.endswith(f"/{task.metric}")}
+        if per_task:  # a mixture: its score is the mean of these
+            say(f"test {task.metric} per task: " + ", ".join(f"{k} {v:.4f}" for k, v in per_task.items()))
+        return RunResult(found, structure, outcome, out_dir, files)
 
 
 def _judge(test: float, baselines: dict[str, float], metric: str, learned: bool, say: Any, warn: Any) -> None:
@@ -188,7 +193,7 @@ def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any],
         return None
     out = Path(out)
     meta = out / "run.json"
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not resume:
             raise PetlsearchError(f"output folder {out} exists; pass --resume to continue it or choose another --out")
         if meta.exists():
@@ -197,11 +202,11 @@ def _prepare_out(out: str | Path | None, resume: bool, args: dict[str, Any],
             if diff:
                 raise PetlsearchError(f"cannot resume {out}: arguments differ from the first run: {diff}")
     out.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(args, indent=2, default=str))
+    write_text(meta, json.dumps(args, indent=2, default=str))
     if run_config is not None:
         import yaml
 
-        (out / "run.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        write_text(out / "run.yaml", yaml.safe_dump(run_config, sort_keys=False))
     return out
 
 
@@ -218,6 +223,6 @@ def _write_run(out: Path, structure: Structure, found: SearchResult, space: Sear
     report = {"result": structure.result, "best": [asdict(p) for p in found.best],
               "pareto": [r.to_dict() for r in found.pareto], "history": [r.to_dict() for r in found.history],
               "extras": found.extras}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
     files["report"] = str(out / "report.json")
     return files

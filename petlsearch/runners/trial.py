@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from petlsearch.files import replacing
 from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
                                         recipe_groups, seed_everything, train)
 from petlsearch.searchspace.graph import ModelGraph
@@ -84,7 +85,8 @@ def _save_head(model: Any, graph: ModelGraph, path: Path) -> None:
     state = {f"{n.path}.{k}": v.detach().contiguous() for n in graph.find(role="head")
              for k, v in model.get_submodule(n.path).state_dict().items()}
     if state:
-        save_file(state, str(path))
+        with replacing(path) as tmp:
+            save_file(state, str(tmp))
 
 
 def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import StructureError
+from petlsearch.files import replacing, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -99,8 +100,9 @@ def export_peft(structure: Structure, structure_path: str | Path, weights: str |
     config, tensors = peft_files(structure, graph, load_file(str(weights)), head, model or structure.backbone.name)
     out = Path(out) if out else structure_path.with_name("peft_adapter")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(tensors, str(out / "adapter_model.safetensors"))
+    write_text(out / "adapter_config.json", json.dumps(config, indent=2))
+    with replacing(out / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     return out
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from petlsearch.errors import PetlsearchError, StructureError, did_you_mean
+from petlsearch.files import replacing, write_text
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +89,7 @@ class Structure:
         path = Path(path)
         data = self.to_dict()
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
-        path.write_text(text)
-        return path
+        return write_text(path, text)  # atomic: a crash never leaves half a structure file
 
     @classmethod
     def load(cls, path: str | Path) -> Structure:
@@ -256,7 +256,8 @@ class Applied:
             ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
             unique[k] = v.clone() if ptr in seen else v
             seen.setdefault(ptr, k)
-        save_file(unique, str(path))
+        with replacing(path) as tmp:
+            save_file(unique, str(tmp))
         return Path(path)
 
     def load_weights(self, path: str | Path) -> None:
