@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 OBJECTIVES = {"score": "maximize", "params": "minimize", "memory": "minimize"}
+METRIC_NAMES = {"score": "minus validation loss", "params": "trainable parameters", "memory": "training memory (bytes)"}
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 PRUNERS = ("median", "hyperband", "none")
 STUDY = "petlsearch"
@@ -141,6 +142,9 @@ class OptunaSearch(Strategy):
                                   f"this search uses {meta} (other plugins, roles, grouping or objectives)")
         for k, v in meta.items():
             study.set_user_attr(k, v)
+        with warnings.catch_warnings():  # experimental since optuna 3.2, unchanged through 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAMES[o] for o in objectives])  # what the dashboard plots
         return study
 
     def _sampler(self, optuna: Any, objectives: tuple[str, ...], startup: int, seed: int) -> Any:
@@ -203,9 +207,27 @@ def _reporter(trial: optuna.Trial) -> Callable[..., bool]:
 
 def _tell(optuna: Any, study: optuna.Study, trial: Any, record: TrialRecord, objectives: tuple[str, ...],
           ctx: SearchContext) -> None:
-    """Tell optuna how the trial ended; the record rides along for resume and the Pareto front."""
+    """Tell optuna how the trial ended; the record rides along for resume and the Pareto front, and
+    readable attributes (the structure, its parameter count, the scores) for optuna-dashboard."""
     trial.set_user_attr("record", record.to_dict())
+    for key, value in dashboard_attrs(record).items():
+        trial.set_user_attr(key, value)
     study.tell(trial, **_ending(optuna, record, objectives, ctx))
+
+
+def dashboard_attrs(record: TrialRecord) -> dict[str, Any]:
+    """What a person reading the study wants per trial: `structure` ('lora(rank=1,alpha=2) @
+    encoder.L5.attn.o:weight; ...'), `params`, the validation score and loss, the learning-rate scale."""
+    placements = (f"{p.plugin}({','.join(f'{k}={v}' for k, v in p.config.items())}) @ {p.site}"
+                  for p in record.structure())
+    out: dict[str, Any] = {"params": record.params, "status": record.status, "structure": "; ".join(placements)}
+    if record.score is not None:
+        out["val score"] = record.score
+    if record.metrics.get("loss") is not None:
+        out["val loss"] = record.metrics["loss"]
+    if "lr_scale" in record.train:
+        out["lr scale"] = record.train["lr_scale"]
+    return out
 
 
 def _ending(optuna: Any, record: TrialRecord, objectives: tuple[str, ...], ctx: SearchContext) -> dict[str, Any]:

@@ -71,6 +71,14 @@ def test_tpe_on_real_training(tiny_task, tmp_path):
     assert (tmp_path / "optuna.journal").exists()
     journal = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert sorted({r["number"] for r in journal if r["status"] != "running"}) == [r.number for r in result.history]
+    # the run folder's study is an ordinary optuna study, readable by optuna-dashboard
+    study = optuna.load_study(study_name="petlsearch", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
+    assert study.metric_names == ["minus validation loss"]
+    for trial, record in zip(study.trials, result.history):
+        assert trial.user_attrs["params"] == record.params == space.count(record.structure())
+        assert trial.user_attrs["structure"].count(" @ encoder.") == len(record.placements)
+        assert trial.user_attrs["val loss"] == record.metrics["loss"]
 
 
 def test_failed_trials_are_recorded_and_search_goes_on(tmp_path):
