@@ -278,14 +278,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from petlsearch.searchspace.structure import Structure
-
-    s = Structure.load(args.structure)
+    s = _load_structure(args.structure, args.plugin)
     if args.to in ("yaml", "json"):
         out = args.out or str(args.structure).rsplit(".", 1)[0] + f".{args.to}"
         s.save(out)
+    elif args.to == "merged":
+        from petlsearch.runners.export import export_merged
+        from petlsearch.runners.tasks import get_task
+
+        task = get_task(args.task, args.model or s.backbone.name, text_column=args.text_column,
+                        label_column=args.label_column, **({"max_length": s.train["max_length"]}
+                                                            if "max_length" in s.train else {}))
+        out = export_merged(s, args.structure, task, args.weights, args.out, partial=args.partial)
     else:
-        from petlsearch.searchspace.export import export_peft
+        from petlsearch.runners.export import export_peft
 
         out = export_peft(s, args.structure, args.weights, args.out, model=args.model)
     _console().print(f"wrote {out}")
@@ -373,9 +379,16 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
     sh.set_defaults(func=cmd_show)
 
-    e = sub.add_parser("export", help="convert a structure: --to peft | yaml | json")
+    e = sub.add_parser("export", help="convert a structure: --to merged | peft | yaml | json")
     e.add_argument("structure")
-    e.add_argument("--to", choices=("peft", "yaml", "json"), required=True)
+    e.add_argument("--to", choices=("merged", "peft", "yaml", "json"), required=True,
+                   help="merged: a Hugging Face model folder with the mergeable placements folded in")
+    e.add_argument("--partial", action="store_true", help="merged: also write the placements that cannot "
+                   "merge as a structure file (default: refuse them)")
+    e.add_argument("--task", default="rotten_tomatoes", help="merged: the task the structure was trained on "
+                   "(its head and label count)")
+    _column_flags(e)
+    e.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
     e.add_argument("--weights", help="trained weights (.safetensors; default: next to the structure)")
     e.add_argument("--model", help="backbone to export for (default: the structure's)")
     e.add_argument("--out", help="output file or folder")

@@ -118,6 +118,8 @@ class PETLModule(nn.Module):
     WeightDelta) or override `install` for kinds that need more (tokens, prefixes, side networks).
     """
 
+    on_weight: ClassVar[bool] = False  # changes a weight itself (WeightDelta), not what a module outputs
+
     def __init__(self, site: Site) -> None:
         super().__init__()
         self.site = site
@@ -280,6 +282,8 @@ class WeightDelta(PETLModule):
     """W -> W + gate * delta_weight() on the parameter `site.param` of the target, through
     `torch.nn.utils.parametrize`: one matmul with the effective weight, any layer type."""
 
+    on_weight: ClassVar[bool] = True
+
     def install(self, model: nn.Module) -> None:
         from torch.nn.utils import parametrize
 
@@ -289,8 +293,8 @@ class WeightDelta(PETLModule):
             raise PluginError(f"site '{self.site.key}': {type(target).__name__} has no parameter '{name}'")
         # a tied parameter (GPT-2's wte / lm_head) changes everywhere it is used, so that the forward
         # matches merging the update into it
-        param = _raw_parameter(target, name)
-        tied = [m for m in model.modules() if m is not target and _raw_parameter(m, name) is param]
+        param = stored_parameter(target, name)
+        tied = [m for m in model.modules() if m is not target and stored_parameter(m, name) is param]
         self._param_orders: dict[int, list[str]] = {}
         for host in [target, *tied]:
             self._param_orders[id(host)] = list(host._parameters)  # torch re-adds the weight last on removal
@@ -334,8 +338,9 @@ class WeightDelta(PETLModule):
             getattr(target, name).data += delta
 
 
-def _raw_parameter(module: nn.Module, name: str) -> Any:
-    """The stored parameter `name` of `module` (under any parametrization), or None."""
+def stored_parameter(module: nn.Module, name: str) -> Any:
+    """The stored parameter `name` of `module` (under any parametrization), or None: what a merge
+    adds to, so that another placement's parametrization of the same weight stays on top of it."""
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, name):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.plugins.base import Plugin, Scale, Site
+from petlsearch.plugins.base import Plugin, Scale, Site, stored_parameter
 from petlsearch.plugins.dims import Dim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import node_sites
@@ -35,13 +35,14 @@ class IA3Module(Scale):
             l = self.effective().detach()
         self.uninstall()
         conv1d = type(target).__name__ == "Conv1D"  # weight stored (in, out)
+        weight, bias = stored_parameter(target, "weight"), stored_parameter(target, "bias")
         with torch.no_grad():
             if self.site.get("where") == "input":
-                target.weight *= l[:, None] if conv1d else l[None, :]
+                weight *= l[:, None] if conv1d else l[None, :]
             else:
-                target.weight *= l[None, :] if conv1d else l[:, None]
-                if target.bias is not None:
-                    target.bias *= l
+                weight *= l[None, :] if conv1d else l[:, None]
+                if bias is not None:
+                    bias *= l
 
 
 class IA3(Plugin):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
+from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site, stored_parameter
 from petlsearch.plugins.dims import Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
@@ -43,13 +43,14 @@ class LoRAModule(OutputDelta):
         with torch.no_grad():
             update = self.gated(self.lora_B @ self.lora_A * self.scaling)  # (out, in)
         self.uninstall()
+        weight = stored_parameter(target, "weight")
         with torch.no_grad():
             if type(target).__name__ == "Conv1D":  # GPT-2 stores (in, out)
-                target.weight += update.T
+                weight += update.T
             elif self.conv:
-                target.weight += update[:, :, None, None]
+                weight += update[:, :, None, None]
             else:
-                target.weight += update
+                weight += update
 
 
 def _lora_target(site: Site) -> bool:

@@ -69,6 +69,7 @@ class Task:
     encode: Callable[[Any], dict[str, Any]]  # a list of inputs -> model kwargs (without labels)
     metric: str = "accuracy"
     max_length: int = 64
+    tokenizer: Any = None  # a text task's, saved beside an exported model
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -287,7 +288,8 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
     n = len(splits.classes)
     if modality == "text":
         display, factory, tokenizer = _text_model(model or DEFAULT_MODEL, n)
-        return Task(name, "text", splits, display, factory, _text_encoder(tokenizer, max_length), max_length=max_length)
+        return Task(name, "text", splits, display, factory, _text_encoder(tokenizer, max_length), max_length=max_length,
+                    tokenizer=tokenizer)
     model = model or "efficientnet-lite0"
     if model.lower() in IMAGE_MODELS:
         def image_factory() -> nn.Module:

@@ -18,7 +18,7 @@ from petlsearch.files import replacing
 from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
                                         recipe_groups, seed_everything, train)
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.structure import Backbone, Placement, Structure
+from petlsearch.searchspace.structure import Applied, Backbone, Placement, Structure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -51,21 +51,30 @@ class TrialOutcome:
         return self.train.pruned
 
 
-def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
-              report: Callable[..., bool] | None = None, test: bool = False,
-              weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
-    """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
-    start = time.perf_counter()
-    seed_everything(cfg.seed)  # module initialisation too: a trial is the same whatever ran before it
+def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], seed: int,
+                   batch_size: int) -> tuple[Any, ModelGraph, Applied, dict[str, Plugin]]:
+    """(model, graph, applied, plugins): a fresh frozen backbone of `task` with `placements` attached, as
+    every trial starts. Seeded first (the new head and the modules' initialisation), so that a trial
+    is the same whatever ran before it; data-driven plugins (FISH's mask, ...) prepared on the first
+    training batches of that seed, so that retraining or exporting a structure finds the same masks."""
+    seed_everything(seed)
     model = task.make_model()
     freeze_backbone(model)
     graph = ModelGraph.from_model(model)
     fresh = {name: clone_plugin(p) for name, p in plugins.items()}
     for name in {p.plugin for p in placements}:
         if fresh[name].needs_data:
-            fresh[name].prepare(model, itertools.islice(task.batches("train", cfg.batch_size, seed=cfg.seed),
-                                                        PREPARE_BATCHES))
+            fresh[name].prepare(model, itertools.islice(task.batches("train", batch_size, seed=seed), PREPARE_BATCHES))
     applied = Structure(Backbone(), list(placements)).apply(model, graph, fresh, force=True)
+    return model, graph, applied, fresh
+
+
+def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
+              report: Callable[..., bool] | None = None, test: bool = False,
+              weights_path: str | Path | None = None, progress: Any = None) -> TrialOutcome:
+    """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
+    start = time.perf_counter()
+    model, graph, applied, fresh = fresh_backbone(task, placements, plugins, cfg.seed, cfg.batch_size)
     head = head_parameters(model, graph) if cfg.train_head and task.new_head else []
     for p in head:
         p.requires_grad_(True)

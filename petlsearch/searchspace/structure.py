@@ -266,7 +266,11 @@ class Applied:
         self.load_state_dict(load_file(str(path)))
 
     def merge(self) -> None:
-        for _, m in self.modules:
+        """Fold every module into the frozen weights: the weight updates first (they act on the weight,
+        before any hook sees the output), then the hooks in the order they were attached (the order
+        they compose in the forward), each into the weight the earlier ones left."""
+        modules = [m for _, m in self.modules]
+        for m in [m for m in modules if m.on_weight] + [m for m in modules if not m.on_weight]:
             m.merge()
         self.modules = []
 

@@ -36,7 +36,7 @@ def _space(plugin: str, roles: tuple[str, ...]) -> tuple[SearchSpace, ModelGraph
 def _export_and_load(tmp_path, structure, applied, model, base):
     from peft import PeftModel
 
-    from petlsearch.searchspace.export import export_peft
+    from petlsearch.runners.export import export_peft
 
     applied.save_weights(tmp_path / "weights.safetensors")
     from safetensors.torch import save_file
@@ -106,7 +106,7 @@ def test_prompt_tuning_export_loads_in_peft(tmp_path) -> None:
 
 
 def test_inexpressible_structures_are_refused(tmp_path) -> None:
-    from petlsearch.searchspace.export import export_peft
+    from petlsearch.runners.export import export_peft
 
     space, _ = _space("adapter", ("attn", "ffn"))
     structure = space.structure([c.placement(space.plugins["adapter"].config(c.site)) for c in space.candidates[:2]])
@@ -116,7 +116,7 @@ def test_inexpressible_structures_are_refused(tmp_path) -> None:
 
 
 def test_import_peft_roundtrip(tmp_path) -> None:
-    from petlsearch.searchspace.export import import_peft
+    from petlsearch.runners.export import import_peft
 
     space, graph = _space("lora", ("attn.q", "attn.v"))
     placements = [c.placement({"rank": 3, "alpha": 6, "dropout": 0.0}) for c in space.candidates]

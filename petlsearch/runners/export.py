@@ -1,9 +1,16 @@
-"""Export a structure to Hugging Face peft (and import one back).
+"""Hand a trained structure to the user's stack: merged weights, or a Hugging Face peft adapter.
 
-peft can carry LoRA (per-module ranks through rank_pattern / alpha_pattern), IA3 and prompt tuning;
-one adapter holds one of these types. `export_peft` writes `adapter_config.json` and
-`adapter_model.safetensors` that `PeftModel.from_pretrained` loads with identical outputs.
-Anything else is a StructureError listing the placements peft cannot carry.
+- `export_merged` folds every mergeable placement (LoRA, BitFit, IA3, FISH, DSEE, KAdaptation, and
+  any plugin whose modules can `merge`) into the backbone's weights and writes a plain Hugging Face
+  model folder (config, safetensors, tokenizer, the trained task head) that
+  `AutoModelForSequenceClassification.from_pretrained(folder)` loads without petlsearch, with the
+  applied model's logits. A placement that cannot merge (adapters, prompts, side networks) is
+  refused by name, unless `partial`: then the folder also holds `structure.yaml` and
+  `weights.safetensors` of the rest, to apply on top of the merged model.
+- peft can carry LoRA (per-module ranks through rank_pattern / alpha_pattern), IA3 and prompt
+  tuning; one adapter holds one of these types. `export_peft` writes `adapter_config.json` and
+  `adapter_model.safetensors` that `PeftModel.from_pretrained` loads with identical outputs.
+  Anything else is a StructureError listing the placements peft cannot carry.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import StructureError
 from petlsearch.files import replacing, write_text
+from petlsearch.plugins.registry import create_plugin
 
 if TYPE_CHECKING:
     import torch
+
+    from petlsearch.runners.tasks import Task
 
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.structure import Structure
@@ -104,6 +114,69 @@ def export_peft(structure: Structure, structure_path: str | Path, weights: str |
     with replacing(out / "adapter_model.safetensors") as tmp:
         save_file(tensors, str(tmp))
     return out
+
+
+def export_merged(structure: Structure, structure_path: str | Path, task: Task, weights: str | Path | None = None,
+                  out: str | Path | None = None, partial: bool = False) -> Path:
+    """Write the structure merged into `task`'s backbone as a Hugging Face model folder (see the
+    module docstring). The backbone is built as the structure's final training built it (same seed
+    and batch size: a data-driven plugin finds the same mask), then the trained weights and head load."""
+    from safetensors.torch import load_file
+
+    from petlsearch.runners.trial import fresh_backbone
+
+    structure_path = Path(structure_path)
+    plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
+    merged = [p for p in structure.placements if plugins[p.plugin].mergeable]
+    rest = [p for p in structure.placements if not plugins[p.plugin].mergeable]
+    if rest and not partial:
+        raise StructureError(f"these placements cannot merge into the weights: {[p.key for p in rest]}; pass "
+                             "--partial to write the merged part and a structure file of the rest")
+    weights = Path(weights) if weights else structure_path.with_name("weights.safetensors")
+    if not weights.exists():
+        raise StructureError(f"trained weights {weights} not found; pass --weights (from `petlsearch train`)")
+    state = load_file(str(weights))
+    seed, batch = int(structure.result.get("seed", 0)), int(structure.train.get("batch_size", 16))
+    net, _, applied, _ = fresh_backbone(task, merged, plugins, seed, batch)
+    if not hasattr(net, "save_pretrained"):
+        raise StructureError(f"a merged export writes a Hugging Face model folder; {task.model_name} is not a "
+                             "transformers model (keep the structure and its weights instead)")
+    applied.load_state_dict(state)  # each placement takes its own `<key>/...` entries
+    _load_head(net, weights.with_name("head.safetensors"))
+    applied.merge()
+    out = Path(out) if out else structure_path.with_name("merged")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one file, not a download: no bar
+    try:
+        net.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
+    if task.tokenizer is not None:
+        task.tokenizer.save_pretrained(out)
+    if rest:
+        from safetensors.torch import save_file
+
+        prefixes = tuple(f"{p.key}/" for p in rest)
+        type(structure)(structure.backbone, rest, structure.budget, {}, train=structure.train).save(
+            out / "structure.yaml")
+        with replacing(out / "weights.safetensors") as tmp:
+            save_file({k: v for k, v in state.items() if k.startswith(prefixes)}, str(tmp))
+    return out
+
+
+def _load_head(net: Any, path: Path) -> None:
+    """The trained task head (head.safetensors, beside the weights) into `net`."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise StructureError(f"the trained head {path} is missing; a merged model needs it")
+    head = load_file(str(path))
+    own = net.state_dict()
+    bad = [k for k, v in head.items() if k not in own or own[k].shape != v.shape]
+    if bad:
+        raise StructureError(f"head weights {bad[:3]} do not fit {type(net).__name__} (another task or label count?)")
+    net.load_state_dict(head, strict=False)
 
 
 def import_peft(folder: str | Path, graph: ModelGraph) -> tuple[Structure, dict[str, torch.Tensor]]:
