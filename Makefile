@@ -28,6 +28,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check petlsearch tests bench examples
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: install

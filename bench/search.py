@@ -78,7 +78,7 @@ def strategy_defaults(strategy: str) -> dict[str, Any]:
 
 def fit_design(space: Any, plugin: str, roles: Any, limit: int) -> list[Any] | None:
     """The largest uniform size of `plugin` on `roles` that fits `limit`, in as many top layers as fit."""
-    from petlsearch.plugins.dims import IntDim
+    from petlsearch.searchspace.dims import IntDim
 
     cands = [c for c in space.candidates if c.plugin == plugin
              and (roles is None or c.site.role in roles) and c.site.layer is not None]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.plugins.registry import create_plugin, get_plugin_class, list_plugins, load_all, register
 
 _BASE = {"Plugin", "Site", "PETLModule", "OutputDelta", "SequentialDelta", "ParallelDelta", "Scale",

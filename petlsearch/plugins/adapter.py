@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from petlsearch.plugins.base import BatchShape, ParallelDelta, Plugin, SequentialDelta, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 

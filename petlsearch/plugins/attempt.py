@@ -32,7 +32,7 @@ from petlsearch.errors import PluginError, did_you_mean
 from petlsearch.plugins import context
 from petlsearch.plugins._tokens import TokenModule, input_sites, token_activations
 from petlsearch.plugins.base import BatchShape, Plugin, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.plugins.prompt_tuning import INITS, init_from_vocab, max_prompt_length
 from petlsearch.searchspace.recipe import Recipe
 

@@ -28,70 +28,21 @@ Example (a complete plugin: a learned per-feature offset on the output of every 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.dims import Dim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import DEFAULT_RECIPE, Recipe
+from petlsearch.searchspace.sites import Site
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from petlsearch.searchspace.graph import ModelGraph
-
-SITE_KINDS = ("weight", "sequential", "parallel", "scale", "tokens", "kv_prefix", "query", "side", "head")
-BYTES_PER_TRAINABLE = 16  # fp32 parameter + gradient + Adam's two moments
-
-
-@dataclass(frozen=True)
-class Site:
-    """A place in the model a method can act on.
-
-    `name` is backbone-independent (`encoder.L3.attn.q`); `path` is the module it hooks into;
-    `source` is the module whose input feeds a parallel branch; `param` the parameter a weight
-    site changes; `extra` holds kind-specific facts (heads, head_dim, where) as sorted pairs.
-    """
-
-    name: str
-    kind: str
-    path: str
-    role: str
-    stack: str
-    layer: int | None = None
-    in_features: int | None = None
-    out_features: int | None = None
-    source: str | None = None
-    param: str | None = None
-    extra: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def key(self) -> str:
-        """Unique within a model: the name and the kind (LoRA and an adapter may share a name)."""
-        return f"{self.name}:{self.kind}"
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return dict(self.extra).get(key, default)
-
-    def with_extra(self, **extra: Any) -> Site:
-        return replace(self, extra=tuple(sorted({**dict(self.extra), **extra}.items())))
-
-
-@dataclass(frozen=True)
-class BatchShape:
-    """The batch a memory estimate is for: sequences of `seq` tokens (or patches), fp32 by default."""
-
-    batch: int = 32
-    seq: int = 64
-    dtype_bytes: int = 4
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
 
 CACHE_ARGS = ("cache", "past_key_values", "past_key_value")  # the KV cache's name across transformers versions
 
@@ -431,9 +382,11 @@ class Plugin:
     def prepare(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Look at task data before attaching (Fisher scores, SNIP saliency, feature caches)."""
 
-    def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
-        """Elements this placement's own forward saves for backward (the memory model adds them)."""
-        return 0
+    def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int | None:
+        """Elements this placement's own forward saves for backward, which the memory model adds;
+        None (the default): not declared, and the memory model estimates them from the site's kind
+        (searchspace.memory, `_own_elements`)."""
+        return None
 
     def added_tokens(self, site: Site, cfg: dict[str, Any]) -> int:
         """Positions this placement adds to its stack's sequence from its layer up (tokens kinds):
@@ -441,11 +394,6 @@ class Plugin:
         return 0
 
     # ------------------------------------------------------------------ provided
-    def memory(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int:
-        """Bytes of training memory this placement adds: its trainable state and its activations."""
-        return (BYTES_PER_TRAINABLE * self.count(site, cfg)
-                + shape.dtype_bytes * self.activation_elements(site, cfg, shape))
-
     def config(self, site: Site, cfg: dict[str, Any] | None = None) -> dict[str, Any]:
         """`cfg` checked against `dims(site)`, with defaults filled in; unknown keys are errors."""
         dims = self.dims(site)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
-from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.dims import Dim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
 

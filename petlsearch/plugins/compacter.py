@@ -22,7 +22,7 @@ from torch import nn
 
 from petlsearch.plugins.adapter import ACTIVATIONS
 from petlsearch.plugins.base import BatchShape, Plugin, SequentialDelta, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 

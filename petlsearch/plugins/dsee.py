@@ -21,7 +21,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.plugins.fish import param_name, top_indices
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.recipe import Recipe

@@ -28,7 +28,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, WeightDelta
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites

@@ -25,7 +25,7 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins import context
 from petlsearch.plugins._attention import KVPrefix
 from petlsearch.plugins.base import BatchShape, Plugin, Site
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from petlsearch.plugins.base import Plugin, Scale, Site, stored_parameter
-from petlsearch.plugins.dims import Dim
+from petlsearch.searchspace.dims import Dim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import node_sites
 

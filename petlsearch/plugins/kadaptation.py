@@ -19,7 +19,7 @@ from torch import nn
 
 from petlsearch.plugins.base import Plugin, Site, WeightDelta
 from petlsearch.plugins.compacter import SlowWeights, kron_sum, low_rank_factors
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import ATTN_PROJECTIONS, node_sites
 

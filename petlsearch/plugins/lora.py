@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site, stored_parameter
-from petlsearch.plugins.dims import Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import PROJECTIONS, node_sites
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from petlsearch.plugins._lean_attention import use_lean_attention
 from petlsearch.plugins.base import CACHE_ARGS, BatchShape, PETLModule, Plugin, Site, cached_length
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.roles import block_role
 from petlsearch.searchspace.sites import stack_sites

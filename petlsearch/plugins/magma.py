@@ -35,7 +35,7 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import SequentialAdapter, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, cached_length
 from petlsearch.plugins.context import extras
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 

@@ -16,7 +16,7 @@ from typing import Any
 from petlsearch.plugins import prefix_tuning as pt
 from petlsearch.plugins.adapter import ACTIVATIONS, ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites, sublayer_sites
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from petlsearch.plugins._attention import KVPrefix
 from petlsearch.plugins.base import BatchShape, Plugin, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites
 

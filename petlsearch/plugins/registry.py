@@ -53,7 +53,8 @@ def _dist(ep: EntryPoint) -> str:
 def validate(cls: Any, name: str | None = None) -> None:
     """Check a plugin class at registration: its name, kinds, and the methods and signatures it must
     define. Raises PluginError naming the plugin and what to change."""
-    from petlsearch.plugins.base import SITE_KINDS, Plugin
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.searchspace.sites import SITE_KINDS
 
     label = name or getattr(cls, "__name__", repr(cls))
     if not (inspect.isclass(cls) and issubclass(cls, Plugin)):

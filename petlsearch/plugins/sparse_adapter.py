@@ -27,7 +27,7 @@ from torch import nn
 from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import Bottleneck, HoulsbyAdapter
 from petlsearch.plugins.base import SequentialDelta, Site
-from petlsearch.plugins.dims import Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from torch import nn
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
 from petlsearch.plugins.context import extras
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import block_sites
 

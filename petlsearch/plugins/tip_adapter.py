@@ -30,7 +30,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import head_sites
 

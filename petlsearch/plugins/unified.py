@@ -35,7 +35,7 @@ from torch import nn
 from petlsearch.plugins import prefix_tuning as pt
 from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.plugins.base import BatchShape, ParallelDelta, PETLModule, Plugin, SequentialDelta, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import attention_sites, sublayer_sites
 

@@ -28,7 +28,7 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, SequentialDelta, Site
 from petlsearch.plugins.context import current_task
-from petlsearch.plugins.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import sublayer_sites
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from petlsearch.plugins._tokens import TokenModule, layer_sites, token_activations
 from petlsearch.plugins.base import BatchShape, Plugin, Site
-from petlsearch.plugins.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
-from petlsearch.plugins.dims import Dim, IntDim
+from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import block_sites
 

@@ -30,10 +30,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from petlsearch.plugins.base import BatchShape, Plugin, Site
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.searchspace.sites import Site
     from petlsearch.searchspace.graph import ModelGraph
 
-    Placement = tuple[Plugin, Site, dict[str, Any]]
+    Resolved = tuple[Plugin, Site, dict[str, Any]]  # a placement resolved to its plugin, site and config
 
 # Levels inside a block where a placement can sit; a block keeps the activations at and above it.
 BELOW, ATTN_IN, ATTN_V, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 7)
@@ -54,6 +55,19 @@ _ACT_SAVES = {"GELUActivation": 1, "GELU": 1, "ReLU": 1, "SiLU": 1, "SiLUActivat
 _POST_LN = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert", "mpnet", "ernie"}
 _POOLED = ("ForSequenceClassification", "ForImageClassification", "ForMultipleChoice")
 
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """The batch a memory estimate is for: sequences of `seq` tokens (or patches), fp32 by default."""
+
+    batch: int = 32
+    seq: int = 64
+    dtype_bytes: int = 4
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
 
 @dataclass(frozen=True)
 class BlockProfile:
@@ -183,7 +197,7 @@ def bytes_per_trainable(dtype_bytes: int = 4, optimizer: str = "adamw") -> int:
     return {"adamw": 4, "sgd": 2}[optimizer] * dtype_bytes
 
 
-def estimate(graph: ModelGraph, placements: list[Placement], shape: BatchShape, *, device: str = "cpu",
+def estimate(graph: ModelGraph, placements: list[Resolved], shape: BatchShape, *, device: str = "cpu",
              attention: str = "sdpa", optimizer: str = "adamw") -> MemoryEstimate:
     """Peak training memory of `placements` on the model of `graph` for batches of `shape`.
 
@@ -201,25 +215,19 @@ def estimate(graph: ModelGraph, placements: list[Placement], shape: BatchShape, 
     return MemoryEstimate(weights + trainable + activations, weights, trainable, activations, breakdown)
 
 
-def _trainable_count(placements: list[Placement]) -> int:
-    total, shared = 0, {}
-    for plugin, site, cfg in placements:
-        cfg = plugin.config(site, cfg)
-        total += plugin.count(site, cfg)
-        key = plugin.shared_key(site, cfg)
-        if key is not None:
-            shared[(plugin.name, key)] = plugin.shared_count(site, cfg)
-    return total + sum(shared.values())
+def _trainable_count(placements: list[Resolved]) -> int:
+    from petlsearch.searchspace.structure import count_placements
+
+    return count_placements([(plugin, site, plugin.config(site, cfg)) for plugin, site, cfg in placements])
 
 
 def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchShape) -> float:
     """A placement's own activations, where the plugin does not declare them: a scale (IA3) keeps
     the tensor it multiplies; an update of a projection's weight makes the matmul keep its input
     and the effective weight (measured: FISH, DSEE, KAdaptation), a bias or norm update nothing."""
-    from petlsearch.plugins.base import Plugin as _Base
-
-    if type(plugin).activation_elements is not _Base.activation_elements:
-        return plugin.activation_elements(site, cfg, shape)
+    declared = plugin.activation_elements(site, cfg, shape)
+    if declared is not None:
+        return declared
     if site.kind == "scale":
         return shape.tokens * ((site.in_features if site.get("where") == "input" else site.out_features) or 0)
     if (site.kind == "weight" and (site.param or "weight") == "weight" and site.role in _PROJECTIONS
@@ -228,7 +236,7 @@ def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchS
     return 0.0
 
 
-def _added_tokens(graph: ModelGraph, placements: list[Placement]) -> dict[str, list[int]]:
+def _added_tokens(graph: ModelGraph, placements: list[Resolved]) -> dict[str, list[int]]:
     """Per stack, the positions token placements add to each layer's sequence: input-level tokens
     join every layer; a layer's prompts (VPT) replace the previous layer's, so the longest counts."""
     inputs: dict[str, int] = {}
@@ -276,7 +284,7 @@ def _start(graph: ModelGraph, site: Site) -> tuple[int, int] | None:
     return (site.layer, _level(graph, site))
 
 
-def _shared_inputs(placements: list[Placement], shape: BatchShape) -> float:
+def _shared_inputs(placements: list[Resolved], shape: BatchShape) -> float:
     """Placements of one plugin on projections that read the same tensor (q / k / v, up / gate)
     save that input once: autograd keeps one storage."""
     groups: dict[tuple, list[float]] = {}
@@ -290,7 +298,7 @@ def _shared_inputs(placements: list[Placement], shape: BatchShape) -> float:
     return sum(sum(v[1:]) for v in groups.values())
 
 
-def _activations(graph: ModelGraph, placements: list[Placement], shape: BatchShape, device: str,
+def _activations(graph: ModelGraph, placements: list[Resolved], shape: BatchShape, device: str,
                  sdpa: bool) -> dict[str, float]:
     """fp32-equivalent elements kept for backward, by part: blocks per stack, tops, own, logits."""
     out: dict[str, float] = {}

@@ -1,4 +1,5 @@
-"""Site factories: the common ways a plugin turns a ModelGraph into its sites.
+"""Sites, the places in a model a method can act on (`Site`, of one of SITE_KINDS), and the factories
+that turn a ModelGraph into them.
 
 A plugin's `sites(graph)` is usually one call here, so that every method names the same places
 the same way (`encoder.L3.attn.q:weight`, `encoder.L3.ffn:sequential`, ...).
@@ -6,9 +7,8 @@ the same way (`encoder.L3.attn.q:weight`, `encoder.L3.ffn:sequential`, ...).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-
-from petlsearch.plugins.base import Site
 
 if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph, Node
@@ -18,6 +18,40 @@ ATTN_PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "attn.qkv",
 FFN_PROJECTIONS = ("ffn.up", "ffn.gate", "ffn.down")
 PROJECTIONS = ATTN_PROJECTIONS + FFN_PROJECTIONS
 SUBLAYERS = ("attn", "xattn", "ffn")
+SITE_KINDS = ("weight", "sequential", "parallel", "scale", "tokens", "kv_prefix", "query", "side", "head")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the model a method can act on.
+
+    `name` is backbone-independent (`encoder.L3.attn.q`); `path` is the module it hooks into;
+    `source` is the module whose input feeds a parallel branch; `param` the parameter a weight
+    site changes; `extra` holds kind-specific facts (heads, head_dim, where) as sorted pairs.
+    """
+
+    name: str
+    kind: str
+    path: str
+    role: str
+    stack: str
+    layer: int | None = None
+    in_features: int | None = None
+    out_features: int | None = None
+    source: str | None = None
+    param: str | None = None
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Unique within a model: the name and the kind (LoRA and an adapter may share a name)."""
+        return f"{self.name}:{self.kind}"
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.extra).get(key, default)
+
+    def with_extra(self, **extra: Any) -> Site:
+        return replace(self, extra=tuple(sorted({**dict(self.extra), **extra}.items())))
 
 
 def _site(node: Node, kind: str, **kw: Any) -> Site:

@@ -23,7 +23,7 @@ from petlsearch.searchspace.structure import Backbone, Placement, Structure, cou
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import BatchShape, Plugin, Site
-    from petlsearch.plugins.dims import Dim
+    from petlsearch.searchspace.dims import Dim
     from petlsearch.searchspace.graph import ModelGraph
 
 FLOAT_LEVELS = 10  # a float dim counts as this many distinct values in the space's size
@@ -195,7 +195,7 @@ def _keep(site: Site, roles: Sequence[str] | None, layers: Sequence[int] | None,
 
 
 def _n_configs(dims: dict[str, Dim]) -> int:
-    from petlsearch.plugins.dims import ChoiceDim, FloatDim, IntDim
+    from petlsearch.searchspace.dims import ChoiceDim, FloatDim, IntDim
 
     n = 1
     for d in dims.values():
@@ -211,7 +211,7 @@ def _n_configs(dims: dict[str, Dim]) -> int:
 def _smallest(plugin: Plugin, site: Site, dims: dict[str, Dim]) -> dict[str, Any]:
     """The cheapest size of a candidate: each integer dim that changes the count (a rank, a
     bottleneck) at its low end; the others (a scaling alpha) keep their defaults."""
-    from petlsearch.plugins.dims import IntDim
+    from petlsearch.searchspace.dims import IntDim
 
     cfg = plugin.config(site)
     for k, d in dims.items():

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import PetlsearchError, did_you_mean
-from petlsearch.plugins.dims import IntDim
+from petlsearch.searchspace.dims import IntDim
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import BatchShape
-    from petlsearch.plugins.dims import Dim
+    from petlsearch.searchspace.dims import Dim
     from petlsearch.searchspace.budget import Budget
     from petlsearch.searchspace.space import Candidate, SearchSpace
     from petlsearch.searchspace.structure import Placement

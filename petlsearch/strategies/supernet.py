@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from petlsearch.errors import BudgetError, PetlsearchError, PluginError
-from petlsearch.plugins.dims import IntDim
+from petlsearch.searchspace.dims import IntDim
 from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, solve_shift
 
 if TYPE_CHECKING:
