@@ -68,6 +68,7 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def run(opts: Options) -> Report:
     from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY, SEARCH_FIDELITY
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import trial_value
 
@@ -77,7 +78,7 @@ def run(opts: Options) -> Report:
     final_cfg = replace(FINAL_FIDELITY, steps=opts.pick(3, FINAL_FIDELITY.steps, opts.steps), device="cpu")
     if opts.quick:
         trial_cfg = replace(trial_cfg, steps=2, eval_every=1, max_eval_examples=32)
-    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), DEFAULT_PLUGINS)
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(DEFAULT_PLUGINS))
     structures = draws(space, opts.pick(3, STRUCTURES))
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     work = []

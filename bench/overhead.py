@@ -106,6 +106,7 @@ def trial_overhead(task: Any, trials: int, table: Table) -> float:
     from petlsearch.runners.trainer import TrainConfig, TrainResult, make_optimizer
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.budget import Budget
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import SearchContext
 
@@ -113,7 +114,7 @@ def trial_overhead(task: Any, trials: int, table: Table) -> float:
         make_optimizer(groups, cfg)  # building the optimizer is engine work, the steps are not
         return TrainResult(0, 0.0, {"accuracy": 0.5}, [], 0.0, 0.0)
 
-    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), GATED_PLUGINS)
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(GATED_PLUGINS))
     budget, cfg = Budget.parse("0.1%"), TrainConfig(steps=1)
     samples, evals, totals = [], [], []
     with tempfile.TemporaryDirectory() as tmp, mock.patch("petlsearch.runners.trial.train", no_training):

@@ -61,13 +61,14 @@ def measure(config: Any, repeats: int, samples: int, plugins: tuple[str, ...] = 
     """Times (medians of `repeats`), graph peak memory, candidates and sampling time of one config."""
     from petlsearch.searchspace.budget import Budget
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
 
     t_model, model = timed(lambda: meta_model(config))
     graph_times = [timed(lambda: ModelGraph.from_model(model))[0] for _ in range(repeats)]
     graph_peak, graph = peak_python_memory(lambda: ModelGraph.from_model(model))
-    space_times = [timed(lambda: SearchSpace.from_graph(graph, plugins))[0] for _ in range(repeats)]
-    space_peak, space = peak_python_memory(lambda: SearchSpace.from_graph(graph, plugins))
+    space_times = [timed(lambda: SearchSpace.from_graph(graph, create_plugins(plugins)))[0] for _ in range(repeats)]
+    space_peak, space = peak_python_memory(lambda: SearchSpace.from_graph(graph, create_plugins(plugins)))
     budget = Budget.parse(BUDGET)
     sample_times = []
     for r in range(repeats):
@@ -106,6 +107,7 @@ def by_plugins(config: Any, repeats: int) -> Table:
     """Space construction on one model as plugins are added (every registered plugin that has sites)."""
     from petlsearch.plugins import create_plugin, list_plugins
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
 
     graph = ModelGraph.from_model(meta_model(config))
@@ -121,7 +123,7 @@ def by_plugins(config: Any, repeats: int) -> Table:
     for k in range(1, len(usable) + 1):
         times, space = [], None
         for _ in range(repeats):
-            t, space = timed(lambda: SearchSpace.from_graph(graph, usable[:k]))
+            t, space = timed(lambda: SearchSpace.from_graph(graph, create_plugins(usable[:k])))
             times.append(t)
         table.add(k, usable[k - 1], len(space), med(times) * 1e3, space.size().log10_structures)
     return table

@@ -165,6 +165,7 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
 def run(opts: Options) -> Report:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import LR_SCALES
 
@@ -178,7 +179,7 @@ def run(opts: Options) -> Report:
                            max_eval_examples=256, device="cpu")
     final = TrainConfig(steps=opts.pick(3, 100), batch_size=batch, max_eval_examples=512, device="cpu")
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
-    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), PLUGINS)
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(PLUGINS))
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
     searches = [(RunLog.key(search=strategy, budget=budget, trials=trials, seed=seed, fidelity=fidelity.to_dict(),
                             recipes=recipes(), lr_scales=LR_SCALES if strategy != "s3pet" else None,

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from petlsearch.plugins.registry import (create_plugin, create_plugins, get_plugin_class, list_plugins, load_all,
+                                         plugins_for, register)
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
-from petlsearch.plugins.registry import create_plugin, get_plugin_class, list_plugins, load_all, register
 
 _BASE = {"Plugin", "Site", "PETLModule", "OutputDelta", "SequentialDelta", "ParallelDelta", "Scale",
          "WeightDelta", "BatchShape", "SITE_KINDS"}
 
-__all__ = ["ChoiceDim", "Dim", "FloatDim", "IntDim", "create_plugin", "get_plugin_class", "list_plugins",
-           "load_all", "register", *sorted(_BASE)]
+__all__ = ["ChoiceDim", "Dim", "FloatDim", "IntDim", "create_plugin", "create_plugins", "get_plugin_class",
+           "list_plugins", "load_all", "plugins_for", "register", *sorted(_BASE)]
 
 
 def __getattr__(name: str) -> Any:
     if name in _BASE:
         from petlsearch.plugins import base
+        from petlsearch.searchspace import sites
 
-        return getattr(base, name)
+        return getattr(sites, name) if name == "SITE_KINDS" else getattr(base, name)
     raise AttributeError(f"module 'petlsearch.plugins' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import logging
 import re
+from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from petlsearch.searchspace.recipe import check_recipe
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin
+    from petlsearch.searchspace.structure import Structure
 
 GROUP = "petlsearch.plugins"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -140,6 +142,16 @@ def get_plugin_class(name: str) -> type[Plugin]:
 def create_plugin(name: str, **kwargs: Any) -> Plugin:
     """An instance of plugin `name` built with `kwargs`."""
     return get_plugin_class(name)(**kwargs)
+
+
+def create_plugins(names: Iterable[str | Plugin]) -> list[Plugin]:
+    """An instance of each named plugin (an instance passes through): what SearchSpace.from_graph takes."""
+    return [create_plugin(n) if isinstance(n, str) else n for n in names]
+
+
+def plugins_for(structure: Structure) -> dict[str, Plugin]:
+    """An instance of each plugin a structure places, by name: what Structure.apply / resolve take."""
+    return {name: create_plugin(name) for name in dict.fromkeys(p.plugin for p in structure.placements)}
 
 
 def load_all(pattern: str = "*") -> dict[str, type[Plugin]]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import StructureError
 from petlsearch.files import replacing, write_text
-from petlsearch.plugins.registry import create_plugin
+from petlsearch.plugins.registry import create_plugin, plugins_for
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
     """(adapter_config dict, adapter_model state) for `structure` with trained `state`
     (keys `<placement key>/<param>`, as Applied.state_dict()) and optional head weights."""
     method = _check_expressible(structure)
-    resolved = structure.resolve(graph, force=True)
+    resolved = structure.resolve(graph, plugins_for(structure), force=True)
     head = head or {}
     config: dict[str, Any] = {"peft_type": PEFT_TYPES[method], "task_type": "SEQ_CLS" if head else None,
                               "base_model_name_or_path": base_model, "inference_mode": True}

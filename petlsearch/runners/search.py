@@ -17,6 +17,7 @@ from typing import Any
 from petlsearch.errors import BudgetError, PetlsearchError
 from petlsearch.files import LOCK_NAME, RunFolderLock, write_text
 from petlsearch.plugins.base import BatchShape
+from petlsearch.plugins.registry import create_plugins
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
 from petlsearch.runners.trainer import TrainConfig
@@ -98,7 +99,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
             task = get_task(task, model, seed=seed, text_column=text_column, label_column=label_column,
                             **({"max_length": max_length} if max_length else {}))
         graph = ModelGraph.from_model(task.make_model())
-        space = SearchSpace.from_graph(graph, plugins, roles=roles, layers=layers)
+        space = SearchSpace.from_graph(graph, create_plugins(plugins), roles=roles, layers=layers)
         budget = budget.bind(space.backbone_params, space.head_params if task.new_head else 0)  # once, for all
         limit = budget.limit
         if not space.candidates:

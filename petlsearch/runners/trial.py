@@ -65,7 +65,7 @@ def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[st
     for name in {p.plugin for p in placements}:
         if fresh[name].needs_data:
             fresh[name].prepare(model, itertools.islice(task.batches("train", batch_size, seed=seed), PREPARE_BATCHES))
-    applied = Structure(Backbone(), list(placements)).apply(model, graph, fresh, force=True)
+    applied = Structure(Backbone(), list(placements)).apply(model, fresh, graph, force=True)
     return model, graph, applied, fresh
 
 

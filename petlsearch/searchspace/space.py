@@ -3,7 +3,7 @@
 Example::
 
     graph = ModelGraph.from_model(model)
-    space = SearchSpace.from_graph(graph, ["lora", "adapter", "bitfit"], roles=("attn.q", "attn.v", "ffn"))
+    space = SearchSpace.from_graph(graph, create_plugins(["lora", "adapter", "bitfit"]), roles=("attn.q", "attn.v", "ffn"))
     budget = Budget.parse("0.1%")
     structure = space.sample(random.Random(0), budget)   # a list of Placements that fits
     assert space.count(structure) <= space.bind(budget).limit
@@ -66,16 +66,17 @@ class SearchSpace:
         self.head_params = graph.num_parameters(include_head=True) - self.backbone_params
 
     @classmethod
-    def from_graph(cls, graph: ModelGraph, plugins: Iterable[str | Plugin], roles: Sequence[str] | None = None,
+    def from_graph(cls, graph: ModelGraph, plugins: Iterable[Plugin], roles: Sequence[str] | None = None,
                    layers: Sequence[int] | None = None, kinds: Sequence[str] | None = None,
                    stacks: Sequence[str] | None = None) -> SearchSpace:
         """Candidates of `plugins` on `graph`. `roles` matches a site's role or its prefix
-        ('attn' matches attn.q), `layers` the block index (None keeps sites outside blocks too)."""
-        from petlsearch.plugins.registry import create_plugin
-
+        ('attn' matches attn.q), `layers` the block index (None keeps sites outside blocks too).
+        `plugins` are instances: `petlsearch.plugins.create_plugins(names)` makes them from names."""
         instances = {}
-        for p in plugins:
-            plugin = create_plugin(p) if isinstance(p, str) else p
+        for plugin in plugins:
+            if isinstance(plugin, str):
+                raise PluginError(f"SearchSpace.from_graph takes plugin instances, got the name {plugin!r}; "
+                                  "make them with petlsearch.plugins.create_plugins(names)")
             instances[plugin.name] = plugin
         if not instances:
             raise PluginError("no plugins given for the search space")

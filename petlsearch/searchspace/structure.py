@@ -19,6 +19,8 @@ from petlsearch.errors import PetlsearchError, StructureError, did_you_mean
 from petlsearch.files import replacing, write_text
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
     from torch import nn
 
@@ -139,11 +141,10 @@ class Structure:
         return cls(backbone, placements, budget, result, FORMAT_VERSION, train)
 
     # ------------------------------------------------------------------ model side
-    def resolve(self, graph: ModelGraph, plugins: dict[str, Plugin] | None = None,
+    def resolve(self, graph: ModelGraph, plugins: Mapping[str, Plugin],
                 force: bool = False) -> list[tuple[Placement, Plugin, Site, dict[str, Any]]]:
-        """Match placements to the sites of `graph`; check the backbone and each config."""
-        from petlsearch.plugins.registry import create_plugin
-
+        """Match placements to the sites of `graph` with the `plugins` they name (by name:
+        `petlsearch.plugins.plugins_for(structure)` makes them); check the backbone and each config."""
         fp = graph.fingerprint()
         if self.backbone.fingerprint and self.backbone.fingerprint != fp and not force:
             raise StructureError(
@@ -151,11 +152,17 @@ class Structure:
                 f"{self.backbone.num_parameters:,} parameters, {self.backbone.fingerprint}); the model is "
                 f"{graph.family} with {graph.num_parameters():,} parameters ({fp}). Pass force=True "
                 "(--force) to place it by site name on a backbone of the same shape")
-        plugins = dict(plugins or {})
+        missing = sorted({p.plugin for p in self.placements} - set(plugins))
+        if missing:
+            raise StructureError(f"no plugin instance for {missing}: pass one per plugin the structure names "
+                                 "(petlsearch.plugins.plugins_for(structure))")
+        by_plugin: dict[str, dict[str, Site]] = {}  # each plugin's sites, found once
         out = []
         for p in self.placements:
-            plugin = plugins.get(p.plugin) or plugins.setdefault(p.plugin, create_plugin(p.plugin))
-            sites = {s.key: s for s in plugin.sites(graph)}
+            plugin = plugins[p.plugin]
+            if p.plugin not in by_plugin:
+                by_plugin[p.plugin] = {s.key: s for s in plugin.sites(graph)}
+            sites = by_plugin[p.plugin]
             if p.site not in sites:
                 raise StructureError(f"placement {p.key}: the model has no site '{p.site}' for plugin "
                                      f"'{p.plugin}'{did_you_mean(p.site, sites)}")
@@ -166,13 +173,14 @@ class Structure:
             out.append((p, plugin, sites[p.site], cfg))
         return out
 
-    def count(self, graph: ModelGraph, plugins: dict[str, Plugin] | None = None, force: bool = True) -> int:
+    def count(self, graph: ModelGraph, plugins: Mapping[str, Plugin], force: bool = True) -> int:
         """Exact trainable parameters of the structure on `graph` (shared parameters counted once)."""
         return count_placements([(pl, s, c) for _, pl, s, c in self.resolve(graph, plugins, force=force)])
 
-    def apply(self, model: nn.Module, graph: ModelGraph | None = None, plugins: dict[str, Plugin] | None = None,
+    def apply(self, model: nn.Module, plugins: Mapping[str, Plugin], graph: ModelGraph | None = None,
               force: bool = False) -> Applied:
-        """Attach every placement to `model` and return the handle to train, save, merge or detach."""
+        """Attach every placement to `model` with `plugins` (by name) and return the handle to train,
+        save, merge or detach."""
         from petlsearch.searchspace.graph import ModelGraph
 
         graph = graph or ModelGraph.from_model(model)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from petlsearch.errors import StructureError
-from petlsearch.plugins import create_plugin
+from petlsearch.plugins import create_plugin, plugins_for
 from petlsearch.runners.export import export_merged
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
@@ -99,6 +99,6 @@ def test_placements_that_cannot_merge_are_named_or_kept_beside_with_partial(task
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    applied = rest.apply(merged)
+    applied = rest.apply(merged, plugins_for(rest))
     applied.load_weights(out / "weights.safetensors")
     assert (_logits(merged, task.tokenizer) - expected).abs().max() < 1e-5

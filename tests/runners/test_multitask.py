@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.plugins import create_plugin
 from petlsearch.runners.multitask import multitask
 from petlsearch.runners.trainer import TrainConfig
@@ -31,7 +32,7 @@ def test_per_task_placements_act_only_for_their_task(tmp_path) -> None:
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "task")}
     with torch.no_grad():
         base = {t: model(task=t, **inputs).logits for t in ("a", "b")}
-    applied = loaded.apply(model, graph)
+    applied = loaded.apply(model, plugins_for(loaded), graph)
     for _, m in applied.modules:
         torch.nn.init.normal_(m.lora_B)
     applied.modules[1][1].gate = 0.0  # switch the shared module off: only the per-task one is left
@@ -92,7 +93,7 @@ def test_a_file_task_in_a_mixture_trains_with_task_aware_plugins(tmp_path) -> No
     tiny = tiny_text_task(limit=48)
     mix.model_factory = mix.tasks["rotten_tomatoes"].model_factory = tiny.model_factory  # a tiny backbone
     graph = ModelGraph.from_model(mix.make_model())
-    space = SearchSpace.from_graph(graph, ["attempt", "vl_adapter", "lora"])
+    space = SearchSpace.from_graph(graph, create_plugins(["attempt", "vl_adapter", "lora"]))
     first = {}
     for c in space.candidates:  # one placement per plugin, at its smallest size
         first.setdefault(c.plugin, c.placement(c.min_config))

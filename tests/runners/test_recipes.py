@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from petlsearch.plugins import create_plugins
 from petlsearch.cli import _parse, _training
 from petlsearch.errors import PetlsearchError, PluginError
 from petlsearch.plugins import create_plugin
@@ -25,7 +26,7 @@ ONE_STEP = TrainConfig(steps=1, batch_size=8, max_eval_examples=16, device="cpu"
 
 
 def placements_of(task, plugin: str, role: str):
-    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), [plugin])
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins([plugin]))
     return space, [c.placement(space.plugins[plugin].config(c.site)) for c in space.candidates if c.site.role == role]
 
 

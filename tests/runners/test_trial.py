@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from petlsearch.plugins import create_plugins
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.runners.trial import run_trial
 from petlsearch.searchspace.graph import ModelGraph
@@ -11,7 +12,7 @@ from petlsearch.searchspace.space import SearchSpace
 
 
 def test_a_trial_is_reproducible_whatever_ran_before(tiny_task, tmp_path):
-    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), ["lora"])
+    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), create_plugins(["lora"]))
     placements = [c.placement(space.plugins["lora"].config(c.site, {"rank": 2})) for c in space.candidates[:2]]
     cfg = TrainConfig(steps=3, batch_size=8, max_eval_examples=16, seed=5)
     outcomes = []

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.errors import StructureError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.searchspace.graph import ModelGraph
@@ -18,7 +19,7 @@ peft = pytest.importorskip("peft")
 
 
 def _trained(model, structure: Structure, seed: int = 0):
-    applied = structure.apply(model)
+    applied = structure.apply(model, plugins_for(structure))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in applied.modules:
@@ -30,7 +31,7 @@ def _trained(model, structure: Structure, seed: int = 0):
 
 def _space(plugin: str, roles: tuple[str, ...]) -> tuple[SearchSpace, ModelGraph]:
     graph = ModelGraph.from_model(tiny.bert())
-    return SearchSpace.from_graph(graph, [plugin], roles=roles), graph
+    return SearchSpace.from_graph(graph, create_plugins([plugin]), roles=roles), graph
 
 
 def _export_and_load(tmp_path, structure, applied, model, base):
@@ -92,7 +93,7 @@ def test_ia3_counts_and_outputs_match_peft(tmp_path) -> None:
 
 
 def test_prompt_tuning_export_loads_in_peft(tmp_path) -> None:
-    space = SearchSpace.from_graph(ModelGraph.from_model(tiny.bert()), ["prompt_tuning"])
+    space = SearchSpace.from_graph(ModelGraph.from_model(tiny.bert()), create_plugins(["prompt_tuning"]))
     placements = [c.placement({"length": 4, "init": "random"}) for c in space.candidates]
     structure = space.structure(placements)
     model = tiny.bert()
@@ -129,7 +130,7 @@ def test_import_peft_roundtrip(tmp_path) -> None:
     imported, state = import_peft(folder, graph)
     assert sorted(p.key for p in imported.placements) == sorted(p.key for p in structure.placements)
     fresh = copy.deepcopy(base)
-    imported.apply(fresh).load_state_dict(state)
+    imported.apply(fresh, plugins_for(imported)).load_state_dict(state)
     x = tiny.inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits)

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.errors import BudgetError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.searchspace.budget import Budget
@@ -22,13 +23,13 @@ _SPACES: dict[str, SearchSpace] = {}
 
 def space_of(family: str) -> SearchSpace:
     if family not in _SPACES:
-        _SPACES[family] = SearchSpace.from_graph(ModelGraph.from_model(tiny.FAMILIES[family]()), CORE)
+        _SPACES[family] = SearchSpace.from_graph(ModelGraph.from_model(tiny.FAMILIES[family]()), create_plugins(CORE))
     return _SPACES[family]
 
 
 def test_filters_and_size() -> None:
     space = space_of("bert")
-    only_qv = SearchSpace.from_graph(space.graph, ["lora"], roles=("attn.q", "attn.v"), layers=(1,))
+    only_qv = SearchSpace.from_graph(space.graph, create_plugins(["lora"]), roles=("attn.q", "attn.v"), layers=(1,))
     assert sorted(c.site.name for c in only_qv.candidates) == ["encoder.L1.attn.q", "encoder.L1.attn.v"]
     size = space.size()
     assert size.candidates == len(space.candidates) and size.dims > 0 and size.log10_structures > 10
@@ -59,7 +60,7 @@ def test_counted_equals_built(family: str, seed: int) -> None:
     model = tiny.FAMILIES[family]()
     for p in model.parameters():
         p.requires_grad_(False)
-    applied = space.structure(placements).apply(model, force=True)
+    applied = space.structure(placements).apply(model, space.plugins, force=True)
     built = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert built == space.count(placements) == applied.trainable_count()
     applied.detach()
@@ -80,7 +81,7 @@ def test_structure_roundtrip_through_file(tmp_path) -> None:
         assert loaded.placements == s.placements and loaded.backbone == s.backbone
         assert loaded.budget["fraction"] == pytest.approx(0.2)
     model = tiny.bert()
-    applied = loaded.apply(model)
+    applied = loaded.apply(model, plugins_for(loaded))
     for _, m in applied.modules:  # train-like change, then save / load the weights
         with torch.no_grad():
             for p in m.parameters():
@@ -90,6 +91,6 @@ def test_structure_roundtrip_through_file(tmp_path) -> None:
         expected = model(**x).logits
     applied.save_weights(tmp_path / "w.safetensors")
     fresh = tiny.bert()
-    loaded.apply(fresh).load_weights(tmp_path / "w.safetensors")
+    loaded.apply(fresh, plugins_for(loaded)).load_weights(tmp_path / "w.safetensors")
     with torch.no_grad():
         assert torch.equal(fresh(**x).logits, expected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from petlsearch.errors import StructureError
-from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins import _tiny as tiny, plugins_for
 from petlsearch.searchspace.structure import Structure
 
 GOOD = """petlsearch_structure: 1
@@ -23,7 +23,7 @@ def load_text(tmp_path, text: str) -> Structure:
 
 def test_good_file_applies(tmp_path) -> None:
     s = load_text(tmp_path, GOOD)
-    applied = s.apply(tiny.bert())
+    applied = s.apply(tiny.bert(), plugins_for(s))
     assert applied.trainable_count() == 2 * (32 + 32)
 
 
@@ -50,9 +50,11 @@ def test_errors_name_the_line(tmp_path) -> None:
 
 def test_bad_config_and_missing_site_name_the_placement(tmp_path) -> None:
     with pytest.raises(StructureError, match="encoder.L0.attn.q:weight@lora.*outside"):
-        load_text(tmp_path, GOOD.replace("rank: 2", "rank: 100000")).apply(tiny.bert())
+        bad = load_text(tmp_path, GOOD.replace("rank: 2", "rank: 100000"))
+        bad.apply(tiny.bert(), plugins_for(bad))
     with pytest.raises(StructureError, match="no site 'encoder.L9.attn.q:weight'"):
-        load_text(tmp_path, GOOD.replace("L0", "L9")).apply(tiny.bert())
+        bad = load_text(tmp_path, GOOD.replace("L0", "L9"))
+        bad.apply(tiny.bert(), plugins_for(bad))
 
 
 def test_fingerprint_mismatch_and_force(tmp_path) -> None:
@@ -61,5 +63,5 @@ def test_fingerprint_mismatch_and_force(tmp_path) -> None:
     fp = ModelGraph.from_model(tiny.bert()).fingerprint()
     s = load_text(tmp_path, GOOD.replace("fingerprint: ''", f"fingerprint: '{fp}'"))
     with pytest.raises(StructureError, match="Pass force=True"):
-        s.apply(tiny.bert(layers=3))
-    assert s.apply(tiny.bert(layers=3), force=True).trainable_count() == 128
+        s.apply(tiny.bert(layers=3), plugins_for(s))
+    assert s.apply(tiny.bert(layers=3), plugins_for(s), force=True).trainable_count() == 128

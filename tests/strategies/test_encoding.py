@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError
 from petlsearch.plugins import _tiny
 from petlsearch.plugins.base import BatchShape
@@ -38,7 +39,7 @@ class RandomTrial:
 
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
-    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert(layers=4)), PLUGINS)
+    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert(layers=4)), create_plugins(PLUGINS))
 
 
 @pytest.mark.parametrize("group_by", ["candidate", "role", "place"])
@@ -127,6 +128,6 @@ def test_real_optuna_trials_and_signature(space):
         assert params == trial.params  # every asked parameter is recorded by optuna
         placements = enc.decode(params)
         study.tell(trial, 0.0 if placements is None else float(space.count(placements)))
-    other = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert(layers=4)), ["lora"])
+    other = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert(layers=4)), create_plugins(["lora"]))
     assert enc.signature() == Encoding(space, Budget.parse("9k")).signature()
     assert enc.signature() != Encoding(other, Budget.parse("2k")).signature()

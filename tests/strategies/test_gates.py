@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import expit
 
+from petlsearch.plugins import create_plugins
 from petlsearch.errors import BudgetError
 from petlsearch.plugins.base import BatchShape
 from petlsearch.runners.trainer import TrainConfig
@@ -171,7 +172,7 @@ def _space(family: str) -> SearchSpace:
         from petlsearch.plugins import _tiny
 
         graph = ModelGraph.from_model(getattr(_tiny, family)())
-        _SPACES[family] = SearchSpace.from_graph(graph, [p for p in PLUGINS])
+        _SPACES[family] = SearchSpace.from_graph(graph, create_plugins(PLUGINS))
     return _SPACES[family]
 
 

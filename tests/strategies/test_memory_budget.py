@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.plugins.base import BatchShape
 from petlsearch.runners.search import search
 from petlsearch.runners.trainer import TrainConfig
@@ -28,7 +29,7 @@ MODEL_GAP = pytest.mark.xfail(strict=True, reason="memory model: LoRA on ffn.dow
 def test_memory_budget_is_met_when_measured(tiny_task, strategy: str) -> None:
     model = tiny_task.make_model()
     graph = ModelGraph.from_model(model)
-    space = SearchSpace.from_graph(graph, PLUGINS)
+    space = SearchSpace.from_graph(graph, create_plugins(PLUGINS))
     shape = BatchShape(FAST.batch_size, tiny_task.max_length)
     everything = [c.placement(space.plugins[c.plugin].config(c.site)) for c in space.candidates]
     top = [p for p in everything if p.layer == max(graph.layers("encoder"))]
@@ -43,7 +44,8 @@ def test_memory_budget_is_met_when_measured(tiny_task, strategy: str) -> None:
     fresh = tiny_task.make_model()
     for p in fresh.parameters():
         p.requires_grad_(False)
-    applied = Structure(Backbone(), placements).apply(fresh, force=True)
+    structure = Structure(Backbone(), placements)
+    applied = structure.apply(fresh, plugins_for(structure), force=True)
     head = fresh.classifier.parameters()
     batch = tiny_task.encode(tiny_task.splits.x_train[:FAST.batch_size])
     batch = {k: v[:, :1].expand(-1, tiny_task.max_length).contiguous() if v.dim() == 2 else v

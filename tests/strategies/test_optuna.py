@@ -16,6 +16,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
+from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError  # noqa: E402
 from petlsearch.plugins import _tiny  # noqa: E402
 from petlsearch.runners.trainer import TrainConfig  # noqa: E402
@@ -40,7 +41,7 @@ class Outcome:
 
 
 def tiny_space() -> SearchSpace:
-    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), PLUGINS)
+    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), create_plugins(PLUGINS))
 
 
 def quality(space: SearchSpace, placements) -> float:
@@ -57,7 +58,7 @@ def make_ctx(space, objective, tmp_path=None, n_trials=6, budget="2k", **kw) -> 
 def test_tpe_on_real_training(tiny_task, tmp_path):
     from petlsearch.runners.trial import run_trial
 
-    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), ["lora", "bitfit"],
+    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), create_plugins(["lora", "bitfit"]),
                                    roles=("attn.q", "attn.v"))
 
     def objective(placements, report, train=None):
@@ -162,7 +163,7 @@ def test_pruner_ranks_trials_by_validation_loss_when_accuracy_ties():
 
 def test_rejected_structures_are_never_trained():
     # 4 candidates: LoRA on attn.q costs 64 per rank here, so most LoRA proposals exceed 300
-    space = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora", "bitfit"], roles=("attn.q",))
+    space = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), create_plugins(["lora", "bitfit"]), roles=("attn.q",))
     budget = Budget.parse("300")
 
     def objective(placements, report, train=None):
@@ -186,7 +187,7 @@ def test_bad_options_fail_clearly():
 def test_resume_rejects_a_different_space(tmp_path):
     space = tiny_space()
     OptunaSearch(pruner="none").run(make_ctx(space, lambda p, r, train=None: Outcome(quality(space, p)), tmp_path, 2))
-    other = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora"])
+    other = SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), create_plugins(["lora"]))
     with pytest.raises(PetlsearchError, match="cannot resume"):
         OptunaSearch(pruner="none").run(make_ctx(other, lambda p, r, train=None: Outcome(0.5), tmp_path, 4))
 

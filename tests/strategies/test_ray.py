@@ -11,6 +11,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from petlsearch.plugins import create_plugins
 from petlsearch.plugins import _tiny  # noqa: E402
 from petlsearch.runners.trainer import TrainConfig  # noqa: E402
 from petlsearch.searchspace.budget import Budget  # noqa: E402
@@ -25,7 +26,7 @@ FAST = TrainConfig(steps=4, batch_size=16, eval_every=2, max_eval_examples=32)
 
 
 def tiny_space() -> SearchSpace:
-    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), ["lora", "bitfit"], roles=("attn.q", "attn.v"))
+    return SearchSpace.from_graph(ModelGraph.from_model(_tiny.bert()), create_plugins(["lora", "bitfit"]), roles=("attn.q", "attn.v"))
 
 
 def calls_in(folder: Path) -> list[str]:
@@ -35,7 +36,7 @@ def calls_in(folder: Path) -> list[str]:
 def test_real_training_on_local_ray_retries_a_dying_trial(tiny_task, tmp_path):
     from petlsearch.runners.trial import run_trial
 
-    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), ["lora", "bitfit"],
+    space = SearchSpace.from_graph(ModelGraph.from_model(tiny_task.make_model()), create_plugins(["lora", "bitfit"]),
                                    roles=("attn.q",))
     marker = tmp_path / "died_once"
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError
 from petlsearch.plugins.base import BatchShape
 from petlsearch.runners.search import search
@@ -37,7 +38,7 @@ def one_thread():
 
 def make_ctx(task, budget: str = "600", out=None, timeout=None, calls=None, memory=None) -> SearchContext:
     graph = ModelGraph.from_model(task.make_model())
-    space = SearchSpace.from_graph(graph, PLUGINS)
+    space = SearchSpace.from_graph(graph, create_plugins(PLUGINS))
 
     def objective(placements, report, train=None):
         if calls is not None:
