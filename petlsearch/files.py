@@ -42,31 +42,34 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-class RunFolderLock:
-    """Held while a process searches in `folder`; `with RunFolderLock(folder): ...`."""
+class FolderLock:
+    """An advisory lock (flock) on the file `path`, which names its holder (pid and host).
+    `wait`: block until it is free (a cache being built), else fail at once naming the holder."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / LOCK_NAME
+    def __init__(self, path: str | Path, what: str = "", wait: bool = False) -> None:
+        self.path = Path(path)
+        self.what = what or str(self.path.parent)
+        self.wait = wait
         self._fd: int | None = None
 
-    def acquire(self) -> RunFolderLock:
+    def acquire(self) -> FolderLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
-            raise PetlsearchError(f"run folder {self.path.parent} is in use by {self.owner()}; wait for it to "
-                                  "finish, or choose another --out") from None
+            raise PetlsearchError(f"{self.what} is in use by {self.owner()}; wait for it to finish, or choose "
+                                  "another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         self._fd = fd
         return self
 
     def owner(self) -> str:
-        """'pid N on host H' as the owner wrote it."""
+        """'pid N on host H' as the holder wrote it."""
         try:
             info = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
@@ -75,11 +78,18 @@ class RunFolderLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays, naming the last owner
+            os.close(self._fd)  # closing drops the flock; the file stays, naming the last holder
             self._fd = None
 
-    def __enter__(self) -> RunFolderLock:
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class RunFolderLock(FolderLock):
+    """Held while a process searches in `folder` (`<folder>/.lock`); a second process fails at once."""
+
+    def __init__(self, folder: str | Path) -> None:
+        super().__init__(Path(folder) / LOCK_NAME, what=f"run folder {folder}")

@@ -53,6 +53,9 @@ INIT_SEED = 0  # the seed of every task's new head (see Task.make_model)
 DEFAULT_TASK = "rotten_tomatoes"
 TEXT_MODELS = {"minilm": "all-MiniLM-L6-v2", "all-minilm-l6-v2": "all-MiniLM-L6-v2"}
 IMAGE_MODELS = {"efficientnet-lite0", "efficientnet_lite0"}
+# runners.named_models: built from their packages on first use; alias (the backbone's name too) -> key
+NAMED_MODELS = {"mpnet": "mpnet", "all-mpnet-base-v2": "mpnet", "smollm2": "smollm2",
+                "smollm2-135m-instruct": "smollm2"}
 TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH", "images:DIR", "hub:NAME", "lm:PATH",
          "multi:TASK+TASK")
 
@@ -192,13 +195,18 @@ def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module
     key = name.lower()
     if key in TEXT_MODELS:
         path, display = D.minilm_path(), TEXT_MODELS[key]
+    elif key in NAMED_MODELS:  # built once from their packages into the cache
+        from petlsearch.runners.named_models import MODELS, model_folder
+
+        path, display = str(model_folder(NAMED_MODELS[key])), MODELS[NAMED_MODELS[key]].name
     elif Path(name).is_dir():
         path, display = name, Path(name).name
     elif "/" in name:
         path, display = name, name
     else:
-        raise TaskError(f"unknown model '{name}'{did_you_mean(key, list(TEXT_MODELS) + sorted(IMAGE_MODELS))}; "
-                        "use minilm, efficientnet-lite0, a local model folder, or a hub name org/model")
+        known = list(TEXT_MODELS) + list(NAMED_MODELS) + sorted(IMAGE_MODELS)
+        raise TaskError(f"unknown model '{name}'{did_you_mean(key, known)}; use minilm, mpnet, smollm2, "
+                        "efficientnet-lite0, a local model folder, or a hub name org/model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
@@ -335,7 +343,7 @@ def _limit(splits: D.Splits, limit: int, seed: int) -> D.Splits:
 def build_model(name: str) -> nn.Module:
     """A model by name for inspection and export: the packaged defaults with weights, or any other
     config (local folder or hub name) built on the meta device (shapes only, no memory)."""
-    if name.lower() in TEXT_MODELS:
+    if name.lower() in TEXT_MODELS or name.lower() in NAMED_MODELS:
         return _text_model(name, 2)[1]()
     if name.lower() in IMAGE_MODELS:
         return D.efficientnet_lite0(10)
@@ -366,7 +374,11 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
     if len(texts) < 10:
         raise TaskError(f"{file}: {len(texts)} non-empty texts; a language-modelling task needs at least 10")
     if model is None:
-        raise TaskError("an lm: task needs --model: a local causal LM folder or a hub name (e.g. gpt2)")
+        raise TaskError("an lm: task needs --model: smollm2, a local causal LM folder or a hub name (e.g. gpt2)")
+    if model.lower() in NAMED_MODELS:
+        from petlsearch.runners.named_models import model_folder
+
+        model = str(model_folder(NAMED_MODELS[model.lower()]))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except OSError as exc:
