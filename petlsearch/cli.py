@@ -165,7 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import fields, replace
 
-    from petlsearch.plugins.registry import create_plugin
+    from petlsearch.plugins.registry import plugins_for
     from petlsearch.runners.search import FINAL_FIDELITY
     from petlsearch.runners.tasks import get_task
     from petlsearch.runners.trainer import TrainConfig
@@ -189,7 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     task = get_task(args.task, args.model, seed=args.seed, text_column=args.text_column,
                     label_column=args.label_column, **({"max_length": max_length} if max_length else {}))
     graph = ModelGraph.from_model(task.make_model())
-    plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
+    plugins = plugins_for(structure)
     structure.resolve(graph, plugins, force=args.force)  # fail early, naming the site or the backbone
     cfg = replace(FINAL_FIDELITY, **recorded)
     cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps else {}), **_training(args))

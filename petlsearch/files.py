@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from petlsearch.errors import PetlsearchError
 
@@ -39,6 +40,15 @@ def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically (see `replacing`)."""
     with replacing(path) as tmp:
         tmp.write_text(text)
+    return Path(path)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any]) -> Path:
+    """Write a safetensors file atomically (see `replacing`)."""
+    from safetensors.torch import save_file
+
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp))
     return Path(path)
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import StructureError
-from petlsearch.files import replacing, write_text
-from petlsearch.plugins.registry import create_plugin, plugins_for
+from petlsearch.files import save_tensors, write_text
+from petlsearch.plugins.registry import plugins_for
+from petlsearch.searchspace.structure import Structure
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from petlsearch.runners.tasks import Task
 
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.searchspace.structure import Structure
 
 PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING"}
 
@@ -93,13 +93,11 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
 def export_peft(structure: Structure, structure_path: str | Path, weights: str | Path | None = None,
                 out: str | Path | None = None, model: str | None = None, graph: ModelGraph | None = None) -> Path:
     """Write a peft adapter folder next to the structure (or at `out`)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     _check_expressible(structure)  # fail before building anything
     structure_path = Path(structure_path)
-    weights = Path(weights) if weights else structure_path.with_name("weights.safetensors")
-    if not weights.exists():
-        raise StructureError(f"trained weights {weights} not found; pass --weights (from `petlsearch train`)")
+    weights = _trained_weights(structure_path, weights)
     head_file = weights.with_name("head.safetensors")
     head = load_file(str(head_file)) if head_file.exists() else None
     if graph is None:
@@ -111,8 +109,7 @@ def export_peft(structure: Structure, structure_path: str | Path, weights: str |
     out = Path(out) if out else structure_path.with_name("peft_adapter")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "adapter_config.json", json.dumps(config, indent=2))
-    with replacing(out / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    save_tensors(out / "adapter_model.safetensors", tensors)
     return out
 
 
@@ -126,15 +123,13 @@ def export_merged(structure: Structure, structure_path: str | Path, task: Task, 
     from petlsearch.runners.trial import fresh_backbone
 
     structure_path = Path(structure_path)
-    plugins = {p.plugin: create_plugin(p.plugin) for p in structure.placements}
+    plugins = plugins_for(structure)
     merged = [p for p in structure.placements if plugins[p.plugin].mergeable]
     rest = [p for p in structure.placements if not plugins[p.plugin].mergeable]
     if rest and not partial:
         raise StructureError(f"these placements cannot merge into the weights: {[p.key for p in rest]}; pass "
                              "--partial to write the merged part and a structure file of the rest")
-    weights = Path(weights) if weights else structure_path.with_name("weights.safetensors")
-    if not weights.exists():
-        raise StructureError(f"trained weights {weights} not found; pass --weights (from `petlsearch train`)")
+    weights = _trained_weights(structure_path, weights)
     state = load_file(str(weights))
     seed, batch = int(structure.result.get("seed", 0)), int(structure.train.get("batch_size", 16))
     net, _, applied, _ = fresh_backbone(task, merged, plugins, seed, batch)
@@ -155,14 +150,18 @@ def export_merged(structure: Structure, structure_path: str | Path, task: Task, 
     if task.tokenizer is not None:
         task.tokenizer.save_pretrained(out)
     if rest:
-        from safetensors.torch import save_file
-
         prefixes = tuple(f"{p.key}/" for p in rest)
-        type(structure)(structure.backbone, rest, structure.budget, {}, train=structure.train).save(
-            out / "structure.yaml")
-        with replacing(out / "weights.safetensors") as tmp:
-            save_file({k: v for k, v in state.items() if k.startswith(prefixes)}, str(tmp))
+        Structure(structure.backbone, rest, structure.budget, {}, train=structure.train).save(out / "structure.yaml")
+        save_tensors(out / "weights.safetensors", {k: v for k, v in state.items() if k.startswith(prefixes)})
     return out
+
+
+def _trained_weights(structure_path: Path, weights: str | Path | None) -> Path:
+    """The trained weights file: `weights`, else weights.safetensors beside the structure."""
+    path = Path(weights) if weights else structure_path.with_name("weights.safetensors")
+    if not path.exists():
+        raise StructureError(f"trained weights {path} not found; pass --weights (from `petlsearch train`)")
+    return path
 
 
 def _load_head(net: Any, path: Path) -> None:
@@ -183,7 +182,7 @@ def import_peft(folder: str | Path, graph: ModelGraph) -> tuple[Structure, dict[
     """A Structure and its weights (Applied.load_state_dict format) from a peft LoRA or IA3 folder."""
     from safetensors.torch import load_file
 
-    from petlsearch.searchspace.structure import Backbone, Placement, Structure
+    from petlsearch.searchspace.structure import Backbone, Placement
 
     folder = Path(folder)
     try:

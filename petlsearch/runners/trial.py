@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from petlsearch.files import replacing
+from petlsearch.files import save_tensors
 from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
                                         recipe_groups, seed_everything, train)
 from petlsearch.searchspace.graph import ModelGraph
@@ -89,13 +89,10 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
 
 
 def _save_head(model: Any, graph: ModelGraph, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {f"{n.path}.{k}": v.detach().contiguous() for n in graph.find(role="head")
              for k, v in model.get_submodule(n.path).state_dict().items()}
     if state:
-        with replacing(path) as tmp:
-            save_file(state, str(tmp))
+        save_tensors(path, state)
 
 
 def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, float]:

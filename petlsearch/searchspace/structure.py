@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from petlsearch.errors import PetlsearchError, StructureError, did_you_mean
-from petlsearch.files import replacing, write_text
+from petlsearch.files import save_tensors, write_text
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -255,8 +255,6 @@ class Applied:
             m.load_state_dict(own)
 
     def save_weights(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
         state = self.state_dict()
         seen: dict[int, str] = {}
         unique = {}
@@ -264,9 +262,7 @@ class Applied:
             ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
             unique[k] = v.clone() if ptr in seen else v
             seen.setdefault(ptr, k)
-        with replacing(path) as tmp:
-            save_file(unique, str(tmp))
-        return Path(path)
+        return save_tensors(path, unique)
 
     def load_weights(self, path: str | Path) -> None:
         from safetensors.torch import load_file
