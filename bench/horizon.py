@@ -63,7 +63,7 @@ def run(opts: Options) -> Report:
     runs = dict(zip(methods, journal.run_all(work, opts.reverse)))
     if opts.helper:
         return report
-    majority = _majority(task, EVAL_EXAMPLES)
+    majority = task.majority_score("val", EVAL_EXAMPLES)  # on the examples the curves read
     head = {int(s): a for s, a, _ in runs[HEAD_ONLY]["curve"]}
     table = Table(f"{task.model_name} on {task.name}: {steps} steps at batch {BATCH}, seed 0, each at its recipe; "
                   f"validation accuracy every {every} steps (majority class {majority:.3f})",
@@ -84,15 +84,6 @@ def run(opts: Options) -> Report:
     if opts.quick:
         report.notes.append("Quick mode: a tiny random BERT on 128 snippets, a few steps: accuracies are chance-level.")
     return report
-
-
-def _majority(task: Any, n: int) -> float:
-    """The majority class's accuracy on the validation examples the curves are measured on (the
-    first `n`, as the trainer's evaluation reads them): the training split's most common class."""
-    import numpy as np
-
-    common = np.bincount(task.splits.y_train).argmax()
-    return float((task.splits.y_val[:n] == common).mean())
 
 
 def _recipe(method: str) -> dict[str, Any] | None:

@@ -93,9 +93,9 @@ class MultiTask(Task):
             name = names[rng.choice(len(names), p=sizes / sizes.sum())]
             yield {**next(streams[name]), "task": name}
 
-    def majority_score(self, split: str = "test") -> float | None:
+    def majority_score(self, split: str = "test", max_examples: int | None = None) -> float | None:
         """The mean over tasks of each task's majority-class score, as `evaluate` means its metric."""
-        return float(np.mean([t.majority_score(split) for t in self.tasks.values()]))
+        return float(np.mean([t.majority_score(split, max_examples) for t in self.tasks.values()]))
 
     def evaluate(self, model: nn.Module, split: str = "val", batch_size: int = 64, max_examples: int | None = None,
                  device: Any = None) -> dict[str, float]:

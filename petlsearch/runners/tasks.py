@@ -158,15 +158,16 @@ class Task:
             metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         return metrics
 
-    def majority_score(self, split: str = "test") -> float | None:
-        """The task's metric on `split` of always predicting the training split's most common class
-        (the chance line a result is judged against); None for an LM task."""
+    def majority_score(self, split: str = "test", max_examples: int | None = None) -> float | None:
+        """The task's metric on `split` (its first `max_examples`, as `evaluate` reads them) of always
+        predicting the training split's most common class (the chance line a result is judged
+        against); None for an LM task."""
         if self.kind == "lm":
             return None
         import torch
 
         majority = int(np.bincount(np.asarray(self.splits.y_train), minlength=self.num_labels).argmax())
-        _, labels = self.splits.split(split)
+        labels = self.splits.split(split)[1][:max_examples]
         logits = torch.nn.functional.one_hot(torch.full((len(labels),), majority), self.num_labels).float()
         return self.score(logits, torch.as_tensor(labels))[self.metric]
 
@@ -195,10 +196,9 @@ def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module
     key = name.lower()
     if key in TEXT_MODELS:
         path, display = D.minilm_path(), TEXT_MODELS[key]
-    elif key in NAMED_MODELS:  # built once from their packages into the cache
-        from petlsearch.runners.named_models import MODELS, model_folder
-
-        path, display = str(model_folder(NAMED_MODELS[key])), MODELS[NAMED_MODELS[key]].name
+    elif key in NAMED_MODELS:
+        path = _named_folder(key)
+        display = Path(path).name  # the folder is named after the model
     elif Path(name).is_dir():
         path, display = name, Path(name).name
     elif "/" in name:
@@ -226,6 +226,13 @@ def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module
             hf_logging.enable_progress_bar()
 
     return display, factory, tokenizer
+
+
+def _named_folder(name: str) -> str:
+    """The cache folder of named model `name` (an alias in NAMED_MODELS), built on first use."""
+    from petlsearch.runners.named_models import model_folder
+
+    return str(model_folder(NAMED_MODELS[name.lower()]))
 
 
 def _text_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], dict[str, Any]]:
@@ -376,9 +383,7 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
     if model is None:
         raise TaskError("an lm: task needs --model: smollm2, a local causal LM folder or a hub name (e.g. gpt2)")
     if model.lower() in NAMED_MODELS:
-        from petlsearch.runners.named_models import model_folder
-
-        model = str(model_folder(NAMED_MODELS[model.lower()]))
+        model = _named_folder(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
     except OSError as exc:
