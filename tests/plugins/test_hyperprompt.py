@@ -87,3 +87,22 @@ def test_single_task_needs_no_context_and_self_attention_only():
     for s in sites:
         plugin.attach(model, s)
     assert (_run(model, "t5") - base).abs().max() > 1e-6
+
+
+def test_hyper_prompts_start_small_beside_the_attentions_own_keys_and_values():
+    # at PyTorch's default init of the generators they came out 3-4x the layer's own keys and values,
+    # and on MiniLM training collapsed to the majority class at every rate (docs/benchmarks.md)
+    plugin = HyperPrompt()
+    model, graph = _frozen()
+    site = plugin.sites(graph)[0]
+    m = plugin.attach(model, site, {"length": 16})
+    attention, seen = model.get_submodule(site.path), {}
+    hooks = [getattr(attention, name).register_forward_hook(lambda _m, _i, out, name=name: seen.update({name: out}))
+             for name in ("key", "value")]
+    with torch.no_grad():
+        model(**tiny.inputs("bert"))
+        k, v = m.prefix()
+    for h in hooks:
+        h.remove()
+    assert 0 < k.std() < 0.1 * seen["key"].std()
+    assert 0 < v.std() < 0.1 * seen["value"].std()
