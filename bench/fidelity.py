@@ -66,9 +66,9 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def run(opts: Options) -> Report:
+    from petlsearch.plugins import create_plugins
     from petlsearch.runners.search import DEFAULT_PLUGINS, FINAL_FIDELITY, SEARCH_FIDELITY
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import trial_value
 

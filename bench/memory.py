@@ -45,7 +45,12 @@ T5_PLUGINS = ("lora", "adapter", "ia3", "prefix_tuning", "lst")
 def models(quick: bool) -> dict[str, tuple[nn.Module, tuple[int, int]]]:
     """name -> (model with random weights, (batch, seq) of the per-plugin table)."""
     from transformers import (
-        AutoConfig, BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration, ViTConfig,
+        AutoConfig,
+        BertConfig,
+        BertForSequenceClassification,
+        T5Config,
+        T5ForConditionalGeneration,
+        ViTConfig,
         ViTForImageClassification,
     )
 
@@ -118,7 +123,7 @@ def full_ft(base: nn.Module, batch: dict[str, Any]) -> int:
 
 
 def per_plugin(label: str, base: nn.Module, bs: tuple[int, int], plugins: list[str]) -> tuple[Table, list[dict]]:
-    from petlsearch.plugins.base import BatchShape
+    from petlsearch.searchspace.memory import BatchShape
 
     batch, shape = make_batch(base, *bs), BatchShape(*bs)
     table = Table(f"{label}, batch {bs[0]} x {bs[1]} tokens (one training step, AdamW, fp32, CPU)",
@@ -156,7 +161,7 @@ def lean_ratios(label: str, base: nn.Module, method: str, shape: tuple[int, int]
     full fine-tuning step of T5-base at batch 16 needs ~14 GB and many minutes here) and
     extrapolated. Targets: <= 60% of LoRA's, and <= `full_target` % of full fine-tuning's."""
     from petlsearch.plugins import list_plugins
-    from petlsearch.plugins.base import BatchShape
+    from petlsearch.searchspace.memory import BatchShape
 
     if method not in list_plugins():
         report.notes.append(f"The {method} plugin is not registered: no {method} ratios.")

@@ -19,13 +19,20 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from petlsearch.plugins import create_plugin
-from petlsearch.runners.trainer import (ParamGroup, TrainConfig, freeze_backbone, head_parameters, recipe_groups,
-                                        seed_everything)
+from petlsearch.runners.trainer import (
+    ParamGroup,
+    TrainConfig,
+    freeze_backbone,
+    head_parameters,
+    recipe_groups,
+    seed_everything,
+)
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.recipe import Recipe
 
 if TYPE_CHECKING:
-    from petlsearch.plugins.base import Plugin, Site
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.searchspace.sites import Site
 
 PEFT_KINDS = ("lora", "ia3", "prompt_tuning")
 # the baseline's rate, as BERT's fine-tuning (Devlin et al., 2019: 2e-5 to 5e-5)

@@ -103,10 +103,10 @@ def gate_zero_ratio(base: torch.nn.Module, batch: dict[str, Any], rounds: int, i
 
 def trial_overhead(task: Any, trials: int, table: Table) -> float:
     """Median seconds of one trial without training: sample + SearchContext.evaluate(run_trial)."""
+    from petlsearch.plugins import create_plugins
     from petlsearch.runners.trainer import TrainConfig, TrainResult, make_optimizer
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.budget import Budget
-    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import SearchContext
 

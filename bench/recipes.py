@@ -28,7 +28,7 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "bitfit": TINY, "ia3": TINY, "ln_tuning": TINY, "compacter_pp": TINY,
     "compacter": SMALL, "kadaptation": SMALL, "sparse_adapter": SMALL,
     "prompt_tuning": PROMPTS, "vpt": PROMPTS, "attempt": PROMPTS,
-    "hyperprompt": (3e-4, 3e-3), "prefix_tuning": (3e-4, 3e-3),
+    "hyperprompt": (3e-4, 1e-3, 3e-3), "prefix_tuning": (3e-4, 3e-3),
     "mam_adapter": (1e-4, 3e-4), "unified": (1e-4, 3e-4),
 }
 QUICK = {"lora": (1e-3, 1e-2), "bitfit": (1e-2,)}

@@ -59,9 +59,9 @@ def meta_model(config: Any) -> Any:
 
 def measure(config: Any, repeats: int, samples: int, plugins: tuple[str, ...] = PLUGINS) -> dict[str, Any]:
     """Times (medians of `repeats`), graph peak memory, candidates and sampling time of one config."""
+    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.budget import Budget
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
 
     t_model, model = timed(lambda: meta_model(config))
@@ -105,9 +105,8 @@ def growth(opts: Options, repeats: int, samples: int) -> Table:
 
 def by_plugins(config: Any, repeats: int) -> Table:
     """Space construction on one model as plugins are added (every registered plugin that has sites)."""
-    from petlsearch.plugins import create_plugin, list_plugins
+    from petlsearch.plugins import create_plugin, create_plugins, list_plugins
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
 
     graph = ModelGraph.from_model(meta_model(config))

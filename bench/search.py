@@ -163,9 +163,9 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
 
 
 def run(opts: Options) -> Report:
+    from petlsearch.plugins import create_plugins
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.plugins import create_plugins
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import LR_SCALES
 

@@ -50,7 +50,7 @@ def _subset(splits: Splits, n_train: int, n_eval: int, seed: int) -> Splits:
 @functools.lru_cache(maxsize=4)
 def minilm_task(limit: int | None = None, max_length: int = 64) -> Task:
     """MiniLM on Rotten Tomatoes; `limit` keeps that many training examples (evaluation splits whole)."""
-    from petlsearch.runners.tasks import _text_encoder, _text_model, Task
+    from petlsearch.runners.tasks import Task, _text_encoder, _text_model
 
     splits = rotten_tomatoes(0)
     if limit is not None:
@@ -65,7 +65,7 @@ def tiny_task(n_train: int = 256, layers: int = 2, hidden: int = 32) -> Task:
     """Real Rotten Tomatoes snippets on a tiny random BERT (MiniLM's tokenizer, sequences of 32)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from petlsearch.runners.tasks import _text_encoder, Task
+    from petlsearch.runners.tasks import Task, _text_encoder
 
     splits = _subset(rotten_tomatoes(0), n_train, max(64, n_train // 4), 0)
     tok = tokenizer()

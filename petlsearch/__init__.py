@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 from petlsearch.errors import (
-    BudgetError, MissingDependencyError, PetlsearchError, PluginError, StructureError, TaskError,
+    BudgetError,
+    MissingDependencyError,
+    PetlsearchError,
+    PluginError,
+    StructureError,
+    TaskError,
 )
 
 __version__ = "0.1.0"

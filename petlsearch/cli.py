@@ -171,7 +171,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from petlsearch.runners.trainer import TrainConfig
     from petlsearch.runners.trial import run_trial
     from petlsearch.searchspace.graph import ModelGraph
-
     from petlsearch.smoke import NOTICE, smoke
 
     console = _console()

@@ -11,7 +11,17 @@ import pytest
 
 from bench.__main__ import BENCHMARKS, parse, run_one, summary
 from bench.common import (
-    Options, Report, RunLog, Table, Target, fmt, interleave, paired_ratio, peak_python_memory, spread, std,
+    Options,
+    Report,
+    RunLog,
+    Table,
+    Target,
+    fmt,
+    interleave,
+    paired_ratio,
+    peak_python_memory,
+    spread,
+    std,
 )
 
 

@@ -7,21 +7,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from petlsearch.plugins.registry import (create_plugin, create_plugins, get_plugin_class, list_plugins, load_all,
-                                         plugins_for, register)
+from petlsearch.plugins.registry import (
+    create_plugin,
+    create_plugins,
+    get_plugin_class,
+    list_plugins,
+    load_all,
+    plugins_for,
+    register,
+)
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
 
-_BASE = {"Plugin", "Site", "PETLModule", "OutputDelta", "SequentialDelta", "ParallelDelta", "Scale",
-         "WeightDelta", "BatchShape", "SITE_KINDS"}
+# the public names a third-party plugin needs, each from the module that defines it (loaded on first use)
+_PUBLIC = {
+    "Plugin": "petlsearch.plugins.base",
+    **dict.fromkeys(("PETLModule", "OutputDelta", "SequentialDelta", "ParallelDelta", "Scale", "WeightDelta"),
+                    "petlsearch.plugins.mechanisms.hooks"),
+    "BatchShape": "petlsearch.searchspace.memory",
+    "Site": "petlsearch.searchspace.sites",
+    "SITE_KINDS": "petlsearch.searchspace.sites",
+}
 
 __all__ = ["ChoiceDim", "Dim", "FloatDim", "IntDim", "create_plugin", "create_plugins", "get_plugin_class",
-           "list_plugins", "load_all", "plugins_for", "register", *sorted(_BASE)]
+           "list_plugins", "load_all", "plugins_for", "register", *sorted(_PUBLIC)]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _BASE:
-        from petlsearch.plugins import base
-        from petlsearch.searchspace import sites
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(sites, name) if name == "SITE_KINDS" else getattr(base, name)
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'petlsearch.plugins' has no attribute {name!r}")

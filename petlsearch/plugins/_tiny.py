@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 from transformers import (
-    BertConfig, BertForSequenceClassification, CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel,
-    LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration, ViTConfig,
+    BertConfig,
+    BertForSequenceClassification,
+    CLIPConfig,
+    CLIPModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
     ViTForImageClassification,
 )
 

@@ -30,11 +30,13 @@ from torch import nn
 
 from petlsearch.errors import PluginError, did_you_mean
 from petlsearch.plugins import context
-from petlsearch.plugins._tokens import TokenModule, input_sites, token_activations
-from petlsearch.plugins.base import BatchShape, Plugin, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.tokens import TokenModule, input_sites, token_activations
+from petlsearch.plugins.parts.prompts import INITS, init_from_vocab, max_prompt_length
 from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
-from petlsearch.plugins.prompt_tuning import INITS, init_from_vocab, max_prompt_length
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
+from petlsearch.searchspace.sites import Site
 
 PROMPT_KEY = "prompt"
 SHARED = "default"  # the one target prompt of a plugin built without task names, used by every task

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.plugins.base import Plugin, Site, WeightDelta
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import WeightDelta
 from petlsearch.searchspace.dims import Dim
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import PROJECTIONS, node_sites
+from petlsearch.searchspace.sites import PROJECTIONS, Site, node_sites
 
 
 class BiasOffset(WeightDelta):

@@ -20,33 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.plugins.adapter import ACTIVATIONS
-from petlsearch.plugins.base import BatchShape, Plugin, SequentialDelta, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import SequentialDelta
+from petlsearch.plugins.parts.bottleneck import ACTIVATIONS
+from petlsearch.plugins.parts.kronecker import SlowWeights, kron_sum, low_rank_factors
 from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import sublayer_sites
-
-
-def kron_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_i kron(a_i, b_i): a (n, p, q), b (n, r, s) -> (p r, q s), without n separate krons."""
-    n, p, q = a.shape
-    _, r, s = b.shape
-    return torch.einsum("ipq,irs->prqs", a, b.to(a.dtype)).reshape(p * r, q * s)
-
-
-class SlowWeights(nn.Module):
-    """The shared slow weights A_1..A_n, (n, n, n), N(0, 1/n) so that sum_i A_i kron B_i keeps
-    the scale of the B_i."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(n, n, n) / math.sqrt(n))
-
-
-def low_rank_factors(n: int, rows: int, cols: int, rank: int, var: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """s (n, rows, r) and t (n, r, cols) with Var(s_i t_i) = var (entries of equal std)."""
-    std = (var / rank) ** 0.25
-    return torch.randn(n, rows, rank) * std, torch.randn(n, rank, cols) * std
+from petlsearch.searchspace.sites import Site, sublayer_sites
 
 
 class PHMLinear(nn.Module):

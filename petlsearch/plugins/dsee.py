@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import Plugin, Site, WeightDelta
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import WeightDelta
+from petlsearch.plugins.parts.masks import param_name, top_indices
 from petlsearch.searchspace.dims import Dim, IntDim
-from petlsearch.plugins.fish import param_name, top_indices
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.roles import LINEAR_TYPES
-from petlsearch.searchspace.sites import PROJECTIONS, node_sites
+from petlsearch.searchspace.sites import PROJECTIONS, Site, node_sites
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable

@@ -27,25 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, WeightDelta
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import PETLModule, WeightDelta
+from petlsearch.plugins.parts.masks import param_name, top_indices
 from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import PROJECTIONS, node_sites
+from petlsearch.searchspace.sites import PROJECTIONS, Site, node_sites
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
 log = logging.getLogger(__name__)
-
-
-def param_name(site: Site) -> str:
-    return f"{site.path}.{site.param or 'weight'}" if site.path else site.param or "weight"
-
-
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k largest scores, sorted (for a cache-friendly scatter)."""
-    return scores.flatten().topk(k).indices.sort().values
 
 
 def sparse_block(indices: torch.Tensor, shape: tuple[int, ...]) -> tuple[bool, torch.Tensor, torch.Tensor]:

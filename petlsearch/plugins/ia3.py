@@ -11,10 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.plugins.base import Plugin, Scale, Site, stored_parameter
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import Scale, stored_parameter
 from petlsearch.searchspace.dims import Dim
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import node_sites
+from petlsearch.searchspace.sites import Site, node_sites
 
 OUTPUT_ROLES = ("attn.k", "attn.v", "attn.qkv", "xattn.k", "xattn.v")
 INPUT_ROLES = ("ffn.down",)

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petlsearch.plugins.base import Plugin, Site, WeightDelta
-from petlsearch.plugins.compacter import SlowWeights, kron_sum, low_rank_factors
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import WeightDelta
+from petlsearch.plugins.parts.kronecker import SlowWeights, kron_sum, low_rank_factors
 from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import ATTN_PROJECTIONS, node_sites
+from petlsearch.searchspace.sites import ATTN_PROJECTIONS, Site, node_sites
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

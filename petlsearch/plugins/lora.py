@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site, stored_parameter
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import OutputDelta, stored_parameter
 from petlsearch.searchspace.dims import Dim, FloatDim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import PROJECTIONS, node_sites
+from petlsearch.searchspace.sites import PROJECTIONS, Site, node_sites
 
 
 class LoRAModule(OutputDelta):

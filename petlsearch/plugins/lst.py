@@ -10,7 +10,7 @@ init: the hidden, per-head and FFN dimensions with the largest L1 norms; the hid
 set for the whole side network, as in a pruned network), and the ladders' down-projections start
 as the selection of those units, so a fresh side network runs on the backbone's own states. The backbone runs without
 gradient, so backward never crosses it: that is where the memory saving comes from. Side blocks
-run a memory-lean attention (`_lean_attention`): width reduction does not shrink the attention
+run a memory-lean attention (`mechanisms.lean_attention`): width reduction does not shrink the attention
 probabilities (heads x seq^2 per layer), so they are recomputed in backward instead of kept. The final side
 state is up-projected and added to the last block's output (before the stack's final norm, which
 then normalises both); the up-projection starts at zero, so a fresh module changes nothing.
@@ -38,12 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.plugins._lean_attention import use_lean_attention
-from petlsearch.plugins.base import CACHE_ARGS, BatchShape, PETLModule, Plugin, Site, cached_length
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import CACHE_ARGS, PETLModule, cached_length
+from petlsearch.plugins.mechanisms.lean_attention import use_lean_attention
 from petlsearch.searchspace.dims import Dim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.roles import block_role
-from petlsearch.searchspace.sites import stack_sites
+from petlsearch.searchspace.sites import Site, stack_sites
 
 TEMPERATURE = 0.1  # mu = sigmoid(alpha / T), as the paper
 # (output dimension, input dimension) of each role, in terms of the widths that shrink

@@ -32,12 +32,14 @@ import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.adapter import SequentialAdapter, bottleneck_count
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site, cached_length
+from petlsearch.plugins.base import Plugin
 from petlsearch.plugins.context import extras
+from petlsearch.plugins.mechanisms.hooks import PETLModule, cached_length
+from petlsearch.plugins.parts.bottleneck import SequentialAdapter, bottleneck_count
 from petlsearch.searchspace.dims import Dim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import sublayer_sites
+from petlsearch.searchspace.sites import Site, sublayer_sites
 
 IGNORE = -100  # label of the prefix positions: no loss there
 

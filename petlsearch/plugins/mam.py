@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from petlsearch.plugins import prefix_tuning as pt
-from petlsearch.plugins.adapter import ACTIVATIONS, ParallelAdapterModule, bottleneck_count
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import PETLModule
+from petlsearch.plugins.parts import prefix as pt
+from petlsearch.plugins.parts.bottleneck import ACTIVATIONS, ParallelAdapterModule, bottleneck_count
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import attention_sites, sublayer_sites
+from petlsearch.searchspace.sites import Site, attention_sites, sublayer_sites
 
 
 class MAMAdapter(pt.PrefixSharing, Plugin):

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.adapter import Bottleneck, HoulsbyAdapter
-from petlsearch.plugins.base import SequentialDelta, Site
+from petlsearch.plugins.mechanisms.hooks import SequentialDelta
+from petlsearch.plugins.parts.bottleneck import Bottleneck, BottleneckPlugin
 from petlsearch.searchspace.dims import Dim, FloatDim, IntDim
 from petlsearch.searchspace.recipe import Recipe
+from petlsearch.searchspace.sites import Site
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -81,7 +82,7 @@ class SparseSequentialAdapter(SequentialDelta):
                 + a.down.bias.numel() + a.up.bias.numel())
 
 
-class SparseAdapter(HoulsbyAdapter):
+class SparseAdapter(BottleneckPlugin):
     name = "sparse_adapter"
     description = "Bottleneck adapter pruned at initialisation (random, magnitude or SNIP)"
     paper = "He et al., SparseAdapter: An Easy Approach for Improving the Parameter-Efficiency of Adapters, Findings of EMNLP 2022"

@@ -24,11 +24,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+from petlsearch.plugins.base import Plugin
 from petlsearch.plugins.context import extras
+from petlsearch.plugins.mechanisms.hooks import PETLModule
 from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import block_sites
+from petlsearch.searchspace.sites import Site, block_sites
 
 
 class STAdapterModule(PETLModule):

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 
 from petlsearch.plugins import _tiny as tiny
-from petlsearch.plugins.base import PETLModule, Plugin, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import PETLModule
 from petlsearch.plugins.registry import validate
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.sites import Site
 
 FAMILIES = tuple(tiny.FAMILIES)
 MAX_SITES = 4  # sites checked per family: first, last and two in between, to stay fast

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, OutputDelta, Plugin, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import OutputDelta
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import head_sites
+from petlsearch.searchspace.sites import Site, head_sites
 
 log = logging.getLogger(__name__)
 LABEL_KEYS = ("labels", "label")

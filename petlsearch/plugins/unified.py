@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petlsearch.plugins import prefix_tuning as pt
-from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
-from petlsearch.plugins.base import BatchShape, ParallelDelta, PETLModule, Plugin, SequentialDelta, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.hooks import ParallelDelta, PETLModule, SequentialDelta
+from petlsearch.plugins.parts import prefix as pt
+from petlsearch.plugins.parts.bottleneck import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import attention_sites, sublayer_sites
+from petlsearch.searchspace.sites import Site, attention_sites, sublayer_sites
 
 FORMS = ("adapter", "lora")
 SCALINGS = ("fixed", "learned")

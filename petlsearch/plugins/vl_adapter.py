@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.adapter import ACTIVATIONS, Bottleneck, bottleneck_count
-from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, SequentialDelta, Site
+from petlsearch.plugins.base import Plugin
 from petlsearch.plugins.context import current_task
+from petlsearch.plugins.mechanisms.hooks import PETLModule, SequentialDelta
+from petlsearch.plugins.parts.bottleneck import ACTIVATIONS, Bottleneck, bottleneck_count
 from petlsearch.searchspace.dims import ChoiceDim, Dim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import sublayer_sites
+from petlsearch.searchspace.sites import Site, sublayer_sites
 
 ALL_TASKS = "all"  # the ModuleDict key of the one adapter that share="tasks" keeps
 

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from petlsearch.plugins._tokens import TokenModule, layer_sites, token_activations
-from petlsearch.plugins.base import BatchShape, Plugin, Site
+from petlsearch.plugins.base import Plugin
+from petlsearch.plugins.mechanisms.tokens import TokenModule, layer_sites, token_activations
 from petlsearch.searchspace.dims import ChoiceDim, Dim, FloatDim, IntDim
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
+from petlsearch.searchspace.sites import Site
 
 
 class LayerPrompt(TokenModule):

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     import torch
 
     from petlsearch.runners.tasks import Task
-
     from petlsearch.searchspace.graph import ModelGraph
 
 PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING"}

@@ -16,7 +16,6 @@ from typing import Any
 
 from petlsearch.errors import BudgetError, PetlsearchError
 from petlsearch.files import LOCK_NAME, RunFolderLock, write_text
-from petlsearch.plugins.base import BatchShape
 from petlsearch.plugins.registry import create_plugins
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
@@ -24,6 +23,7 @@ from petlsearch.runners.trainer import TrainConfig
 from petlsearch.runners.trial import TrialOutcome, beats, run_trial, trivial_baselines
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Structure
 from petlsearch.smoke import NOTICE, smoke

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from petlsearch.runners.tasks import Task
-from petlsearch.smoke import smoke
 from petlsearch.searchspace.recipe import DEFAULT_RECIPE, HEAD_LR, Recipe
+from petlsearch.smoke import smoke
 
 if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph

@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from petlsearch.files import save_tensors
-from petlsearch.runners.trainer import (TrainConfig, TrainResult, evaluate, freeze_backbone, head_parameters,
-                                        recipe_groups, seed_everything, train)
+from petlsearch.runners.trainer import (
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    freeze_backbone,
+    head_parameters,
+    recipe_groups,
+    seed_everything,
+    train,
+)
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.structure import Applied, Backbone, Placement, Structure
 

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from petlsearch.plugins.base import Plugin
-    from petlsearch.searchspace.sites import Site
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.sites import Site
 
     Resolved = tuple[Plugin, Site, dict[str, Any]]  # a placement resolved to its plugin, site and config
 

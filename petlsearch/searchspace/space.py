@@ -22,9 +22,11 @@ from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.structure import Backbone, Placement, Structure, count_placements
 
 if TYPE_CHECKING:
-    from petlsearch.plugins.base import BatchShape, Plugin, Site
+    from petlsearch.plugins.base import Plugin
     from petlsearch.searchspace.dims import Dim
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.memory import BatchShape
+    from petlsearch.searchspace.sites import Site
 
 FLOAT_LEVELS = 10  # a float dim counts as this many distinct values in the space's size
 

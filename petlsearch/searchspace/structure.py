@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from petlsearch.plugins.base import PETLModule, Plugin, Site
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.plugins.mechanisms.hooks import PETLModule
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.sites import Site
 
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 16 * 2**20

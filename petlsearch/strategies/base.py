@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from petlsearch.errors import BudgetError, PetlsearchError, did_you_mean
-from petlsearch.plugins.base import BatchShape
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.structure import Placement
 from petlsearch.strategies.journal import Journal
 

@@ -32,9 +32,9 @@ from petlsearch.errors import PetlsearchError, did_you_mean
 from petlsearch.searchspace.dims import IntDim
 
 if TYPE_CHECKING:
-    from petlsearch.plugins.base import BatchShape
-    from petlsearch.searchspace.dims import Dim
     from petlsearch.searchspace.budget import Budget
+    from petlsearch.searchspace.dims import Dim
+    from petlsearch.searchspace.memory import BatchShape
     from petlsearch.searchspace.space import Candidate, SearchSpace
     from petlsearch.searchspace.structure import Placement
 

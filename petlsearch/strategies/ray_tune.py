@@ -27,15 +27,22 @@ from typing import TYPE_CHECKING, Any
 from petlsearch._imports import require
 from petlsearch.errors import PetlsearchError
 from petlsearch.searchspace.structure import Placement
-from petlsearch.strategies.base import (SearchContext, SearchResult, Strategy, TrialRecord, describe, pareto_front,
-                                        trial_value)
+from petlsearch.strategies.base import (
+    SearchContext,
+    SearchResult,
+    Strategy,
+    TrialRecord,
+    describe,
+    pareto_front,
+    trial_value,
+)
 from petlsearch.strategies.encoding import Encoding
 from petlsearch.strategies.optuna import OBJECTIVES, _objectives
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from petlsearch.plugins.base import BatchShape
+    from petlsearch.searchspace.memory import BatchShape
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "tune"

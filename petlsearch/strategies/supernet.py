@@ -22,12 +22,15 @@ from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, 
 if TYPE_CHECKING:
     from torch import nn
 
-    from petlsearch.plugins.base import BatchShape, PETLModule, Plugin, Site
+    from petlsearch.plugins.base import Plugin
+    from petlsearch.plugins.mechanisms.hooks import PETLModule
     from petlsearch.runners.tasks import Task
     from petlsearch.runners.trainer import ParamGroup, TrainConfig
     from petlsearch.searchspace.budget import Budget
     from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.memory import BatchShape
     from petlsearch.searchspace.recipe import Recipe
+    from petlsearch.searchspace.sites import Site
     from petlsearch.searchspace.space import Candidate, SearchSpace
     from petlsearch.searchspace.structure import Applied, Placement
     from petlsearch.strategies.base import SearchContext

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from petlsearch.plugins import _tiny as tiny
-from petlsearch.plugins.compacter import Compacter, CompacterAdapter, CompacterPlusPlus, kron_sum
-from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
+from petlsearch.plugins.compacter import Compacter, CompacterAdapter, CompacterPlusPlus
+from petlsearch.plugins.parts.kronecker import kron_sum
+from tests.helpers import frozen_tiny as _frozen
+from tests.helpers import trainable_numel as _trainable
 
 
 def test_kron_sum_is_sum_of_kronecker_products():

@@ -10,7 +10,8 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.context import use
 from petlsearch.plugins.hyperprompt import HyperPrompt
-from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
+from tests.helpers import frozen_tiny as _frozen
+from tests.helpers import trainable_numel as _trainable
 
 
 def _run(model, family: str = "bert") -> torch.Tensor:

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from petlsearch.plugins._lean_attention import LeanAttention, use_lean_attention
+from petlsearch.plugins.mechanisms.lean_attention import LeanAttention, use_lean_attention
 
 
 def _eager(q, k, v, bias, mask, scaling, keep, p):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from petlsearch.plugins import _tiny as tiny
-from petlsearch.plugins.adapter import ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.mam import MAMAdapter
-from petlsearch.plugins.prefix_tuning import PrefixModule
+from petlsearch.plugins.parts.bottleneck import ParallelAdapterModule, bottleneck_count
+from petlsearch.plugins.parts.prefix import PrefixModule
 from petlsearch.plugins.testing import _perturb
-from tests.helpers import frozen_tiny as _frozen, trainable_numel as _trainable
+from tests.helpers import frozen_tiny as _frozen
+from tests.helpers import trainable_numel as _trainable
 
 
 def _run(model, family: str = "bert") -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
-from petlsearch.plugins._attention import IMPL
+from petlsearch.plugins.mechanisms.kv_prefix import IMPL
 from petlsearch.plugins.prefix_tuning import PrefixTuning
 from petlsearch.plugins.testing import _perturb
 from petlsearch.searchspace.graph import ModelGraph

@@ -7,7 +7,7 @@ import torch
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
-from petlsearch.plugins.adapter import Bottleneck
+from petlsearch.plugins.parts.bottleneck import Bottleneck
 from petlsearch.plugins.sparse_adapter import SparseAdapter, kept
 from petlsearch.searchspace.graph import ModelGraph
 

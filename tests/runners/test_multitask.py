@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from petlsearch.plugins import create_plugins, plugins_for
-from petlsearch.plugins import create_plugin
+from petlsearch.plugins import create_plugin, create_plugins, plugins_for
 from petlsearch.runners.multitask import multitask
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.runners.trial import run_trial

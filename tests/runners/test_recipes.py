@@ -8,10 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from petlsearch.plugins import create_plugins
 from petlsearch.cli import _parse, _training
 from petlsearch.errors import PetlsearchError, PluginError
-from petlsearch.plugins import create_plugin
+from petlsearch.plugins import create_plugin, create_plugins
 from petlsearch.plugins.registry import validate
 from petlsearch.runners.search import distinguished, search, train_section
 from petlsearch.runners.trainer import TrainConfig, recipe_groups

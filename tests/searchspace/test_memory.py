@@ -7,14 +7,17 @@ import pytest
 import torch
 from torch import nn
 from transformers import (
-    BertConfig, BertForSequenceClassification, T5Config, T5ForConditionalGeneration, ViTConfig,
+    BertConfig,
+    BertForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
     ViTForImageClassification,
 )
 
 from petlsearch.plugins import create_plugin
-from petlsearch.plugins.base import BatchShape
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import block_profile, estimate, marginal_cost, measure
+from petlsearch.searchspace.memory import BatchShape, block_profile, estimate, marginal_cost, measure
 
 B, T = 4, 32
 

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.errors import StructureError
 from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Structure

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.errors import BudgetError
 from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins import create_plugins, plugins_for
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.space import SearchSpace

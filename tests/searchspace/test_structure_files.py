@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from petlsearch.errors import StructureError
-from petlsearch.plugins import _tiny as tiny, plugins_for
+from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins import plugins_for
 from petlsearch.searchspace.structure import Structure
 
 GOOD = """petlsearch_structure: 1

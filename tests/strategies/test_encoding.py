@@ -7,12 +7,11 @@ import random
 
 import pytest
 
-from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError
-from petlsearch.plugins import _tiny
-from petlsearch.plugins.base import BatchShape
+from petlsearch.plugins import _tiny, create_plugins
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.encoding import NONE, Encoding
 

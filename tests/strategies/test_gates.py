@@ -12,16 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import expit
 
-from petlsearch.plugins import create_plugins
 from petlsearch.errors import BudgetError
-from petlsearch.plugins.base import BatchShape
+from petlsearch.plugins import create_plugins
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.base import SearchContext
 from petlsearch.strategies.gates import (
-    beta_at, greedy_fill, mean_gates, sample_gates, shift_logits, solve_shift, warm_at,
+    beta_at,
+    greedy_fill,
+    mean_gates,
+    sample_gates,
+    shift_logits,
+    solve_shift,
+    warm_at,
 )
 from petlsearch.strategies.s3pet import S3PETSearch
 from petlsearch.strategies.supernet import expand_arms

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from petlsearch.plugins import create_plugins, plugins_for
-from petlsearch.plugins.base import BatchShape
 from petlsearch.runners.search import search
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import measure
+from petlsearch.searchspace.memory import BatchShape, measure
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Backbone, Structure
 

@@ -16,9 +16,11 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError  # noqa: E402
-from petlsearch.plugins import _tiny  # noqa: E402
+from petlsearch.plugins import (
+    _tiny,  # noqa: E402
+    create_plugins,
+)
 from petlsearch.runners.trainer import TrainConfig  # noqa: E402
 from petlsearch.searchspace.budget import Budget  # noqa: E402
 from petlsearch.searchspace.graph import ModelGraph  # noqa: E402

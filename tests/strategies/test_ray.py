@@ -11,8 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from petlsearch.plugins import create_plugins
-from petlsearch.plugins import _tiny  # noqa: E402
+from petlsearch.plugins import (
+    _tiny,  # noqa: E402
+    create_plugins,
+)
 from petlsearch.runners.trainer import TrainConfig  # noqa: E402
 from petlsearch.searchspace.budget import Budget  # noqa: E402
 from petlsearch.searchspace.graph import ModelGraph  # noqa: E402

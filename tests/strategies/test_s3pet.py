@@ -8,19 +8,24 @@ from dataclasses import replace
 import pytest
 import torch
 
-from petlsearch.plugins import create_plugins
 from petlsearch.errors import PetlsearchError
-from petlsearch.plugins.base import BatchShape
+from petlsearch.plugins import create_plugins
 from petlsearch.runners.search import search
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.runners.trial import run_trial
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
 from petlsearch.strategies.s3pet import S3PETSearch
 from petlsearch.strategies.supernet import (
-    MIN_HELD, SPACE_RATIO, auto_scale, build_supernet, expand_arms, split_train,
+    MIN_HELD,
+    SPACE_RATIO,
+    auto_scale,
+    build_supernet,
+    expand_arms,
+    split_train,
 )
 
 FAST = TrainConfig(steps=3, batch_size=16, eval_every=0, max_eval_examples=32)

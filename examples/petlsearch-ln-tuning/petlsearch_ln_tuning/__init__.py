@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from petlsearch.plugins import ChoiceDim, Plugin
-from petlsearch.plugins.base import Site, WeightDelta
+from petlsearch.plugins.mechanisms.hooks import WeightDelta
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.sites import node_sites
+from petlsearch.searchspace.sites import Site, node_sites
 
 
 class GainOffset(WeightDelta):

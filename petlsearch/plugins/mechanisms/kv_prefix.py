@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import PETLModule, Site
+from petlsearch.plugins.mechanisms.hooks import PETLModule
+from petlsearch.searchspace.sites import Site
 
 log = logging.getLogger(__name__)
 

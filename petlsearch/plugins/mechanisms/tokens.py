@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from petlsearch.errors import PluginError
-from petlsearch.plugins.base import BatchShape, PETLModule, Site, cached_length
+from petlsearch.plugins.mechanisms.hooks import PETLModule, cached_length
+from petlsearch.searchspace.memory import BatchShape
+from petlsearch.searchspace.sites import Site
 
 if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph, Node
