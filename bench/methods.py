@@ -19,14 +19,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from petlsearch.plugins import create_plugin
-from petlsearch.runners.trainer import (
-    ParamGroup,
-    TrainConfig,
-    freeze_backbone,
-    head_parameters,
-    recipe_groups,
-    seed_everything,
-)
+from petlsearch.runners.trainer import ParamGroup, TrainConfig, freeze_backbone, head_parameters, recipe_groups
+from petlsearch.runtime import seed_everything
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.recipe import Recipe
 

@@ -107,6 +107,15 @@ class Plugin:
     def prepare(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> None:
         """Look at task data before attaching (Fisher scores, SNIP saliency, feature caches)."""
 
+    def clone(self) -> Plugin:
+        """A fresh instance with the same constructor arguments (read back from the attributes they
+        are stored under, as scikit-learn's clone does): no prepared data, no shared modules."""
+        import inspect
+
+        params = list(inspect.signature(type(self).__init__).parameters.values())[1:]  # after self
+        names = [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return type(self)(**{n: getattr(self, n) for n in names if hasattr(self, n)})
+
     def activation_elements(self, site: Site, cfg: dict[str, Any], shape: BatchShape) -> int | None:
         """Elements this placement's own forward saves for backward, which the memory model adds;
         None (the default): not declared, and the memory model estimates them from the site's kind

@@ -20,7 +20,7 @@ from petlsearch.plugins.registry import create_plugins
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
 from petlsearch.runners.trainer import TrainConfig
-from petlsearch.runners.trial import TrialOutcome, beats, run_trial, trivial_baselines
+from petlsearch.runners.trial import TRAINING, TrialOutcome, beats, run_trial, trivial_baselines
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.memory import BatchShape
@@ -118,7 +118,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
             return run_trial(task, placements, space.plugins, with_train(fidelity, train), report=report)
 
         ctx = SearchContext(space, budget, task, fidelity, trials, seed, out_dir, timeout, shape, objective, say,
-                            lr_scales=LR_SCALES if search_lr else None)
+                            lr_scales=LR_SCALES if search_lr else None, training=TRAINING)
         found = strat.run(ctx)
         ctx.check_fits(found.best)  # never return an over-budget structure
         if not distinguished(found.history):

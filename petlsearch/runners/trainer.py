@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from petlsearch.runners.tasks import Task
+from petlsearch.runtime import pick_device, seed_everything, to_device
 from petlsearch.searchspace.recipe import DEFAULT_RECIPE, HEAD_LR, Recipe
 from petlsearch.smoke import smoke
 
 if TYPE_CHECKING:
+    from petlsearch.runners.tasks import Task
     from petlsearch.searchspace.graph import ModelGraph
 
 log = logging.getLogger(__name__)
@@ -72,22 +73,6 @@ class TrainResult:
     step_seconds: float
     pruned: bool = False
     stopped_early: bool = False
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def head_parameters(model: nn.Module, graph: ModelGraph) -> list[nn.Parameter]:
@@ -144,10 +129,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
             return (step + 1) / warm
         return max(0.0, (cfg.steps - step) / max(1, cfg.steps - warm))
     return f
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def evaluate(model: nn.Module, task: Task, split: str = "val", batch_size: int = 64,

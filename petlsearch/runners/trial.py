@@ -6,7 +6,6 @@ fidelity and also reports the test split.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 import time
@@ -16,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch.files import save_tensors
 from petlsearch.runners.trainer import (
+    ParamGroup,
     TrainConfig,
     TrainResult,
     evaluate,
     freeze_backbone,
     head_parameters,
     recipe_groups,
-    seed_everything,
     train,
 )
+from petlsearch.runtime import seed_everything
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.structure import Applied, Backbone, Placement, Structure
 
@@ -36,12 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PREPARE_BATCHES = 8  # batches a data-driven plugin (FISH, SNIP, Tip-Adapter) may look at
-
-
-def clone_plugin(plugin: Plugin) -> Plugin:
-    """A fresh instance with the same constructor arguments (read back from attributes, as sklearn)."""
-    names = [p for p in inspect.signature(type(plugin).__init__).parameters if p != "self"]
-    return type(plugin)(**{n: getattr(plugin, n) for n in names if hasattr(plugin, n)})
 
 
 @dataclass
@@ -59,9 +53,9 @@ class TrialOutcome:
         return self.train.pruned
 
 
-def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], seed: int,
-                   batch_size: int) -> tuple[Any, ModelGraph, Applied, dict[str, Plugin]]:
-    """(model, graph, applied, plugins): a fresh frozen backbone of `task` with `placements` attached, as
+def fresh_model(task: Task, plugins: dict[str, Plugin], seed: int,
+                batch_size: int) -> tuple[Any, ModelGraph, dict[str, Plugin]]:
+    """(model, graph, plugins): a fresh frozen backbone of `task` and fresh copies of `plugins`, as
     every trial starts. Seeded first (the new head and the modules' initialisation), so that a trial
     is the same whatever ran before it; data-driven plugins (FISH's mask, ...) prepared on the first
     training batches of that seed, so that retraining or exporting a structure finds the same masks."""
@@ -69,12 +63,49 @@ def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[st
     model = task.make_model()
     freeze_backbone(model)
     graph = ModelGraph.from_model(model)
-    fresh = {name: clone_plugin(p) for name, p in plugins.items()}
-    for name in {p.plugin for p in placements}:
-        if fresh[name].needs_data:
-            fresh[name].prepare(model, itertools.islice(task.batches("train", batch_size, seed=seed), PREPARE_BATCHES))
+    fresh = {name: p.clone() for name, p in plugins.items()}
+    for plugin in fresh.values():
+        if plugin.needs_data:
+            plugin.prepare(model, itertools.islice(task.batches("train", batch_size, seed=seed), PREPARE_BATCHES))
+    return model, graph, fresh
+
+
+def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], seed: int,
+                   batch_size: int) -> tuple[Any, ModelGraph, Applied, dict[str, Plugin]]:
+    """(model, graph, applied, plugins): `fresh_model` with `placements` attached."""
+    used = {p.plugin for p in placements}
+    model, graph, fresh = fresh_model(task, {n: p for n, p in plugins.items() if n in used}, seed, batch_size)
+    fresh.update({n: p.clone() for n, p in plugins.items() if n not in used})
     applied = Structure(Backbone(), list(placements)).apply(model, fresh, graph, force=True)
     return model, graph, applied, fresh
+
+
+def trial_groups(model: Any, graph: ModelGraph, by_plugin: dict[str, list[Any]], recipes: dict[str, Any],
+                 cfg: TrainConfig, new_head: bool = True) -> list[ParamGroup]:
+    """Each plugin's parameters at its recipe and the head (made trainable unless `cfg` freezes it)."""
+    head = head_parameters(model, graph) if cfg.train_head and new_head else []
+    for p in head:
+        p.requires_grad_(True)
+    return recipe_groups(by_plugin, recipes, head, cfg)
+
+
+class RunnerTraining:
+    """The trial interface a strategy that trains a model itself gets (`strategies.base.Training`)."""
+
+    def fresh_model(self, task: Task, plugins: dict[str, Plugin], seed: int,
+                    batch_size: int) -> tuple[Any, ModelGraph, dict[str, Plugin]]:
+        return fresh_model(task, plugins, seed, batch_size)
+
+    def groups(self, model: Any, graph: ModelGraph, by_plugin: dict[str, list[Any]], recipes: dict[str, Any],
+               cfg: TrainConfig, new_head: bool = True) -> list[ParamGroup]:
+        return trial_groups(model, graph, by_plugin, recipes, cfg, new_head)
+
+    def train(self, model: Any, task: Task, groups: list[ParamGroup], cfg: TrainConfig,
+              after_step: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+        return train(model, task, groups, cfg, after_step=after_step)
+
+
+TRAINING = RunnerTraining()
 
 
 def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Plugin], cfg: TrainConfig,
@@ -83,10 +114,9 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
     """Train `placements` on a fresh backbone; score = the task's metric on the validation split."""
     start = time.perf_counter()
     model, graph, applied, fresh = fresh_backbone(task, placements, plugins, cfg.seed, cfg.batch_size)
-    head = head_parameters(model, graph) if cfg.train_head and task.new_head else []
-    for p in head:
-        p.requires_grad_(True)
-    groups = recipe_groups(applied.parameters_by_plugin(), {n: p.recipe for n, p in fresh.items()}, head, cfg)
+    groups = trial_groups(model, graph, applied.parameters_by_plugin(), {n: p.recipe for n, p in fresh.items()},
+                          cfg, task.new_head)
+    head = next(g.params for g in groups if g.name == "head")
     result = train(model, task, groups, cfg, report=report, progress=progress)
     test_metrics = evaluate(model, task, "test") if test else {}
     if weights_path is not None:

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from petlsearch.errors import BudgetError, PetlsearchError, did_you_mean
 from petlsearch.searchspace.memory import BatchShape
@@ -24,10 +24,14 @@ from petlsearch.searchspace.structure import Placement
 from petlsearch.strategies.journal import Journal
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from petlsearch.plugins.base import Plugin
     from petlsearch.runners.tasks import Task
-    from petlsearch.runners.trainer import TrainConfig
+    from petlsearch.runners.trainer import ParamGroup, TrainConfig, TrainResult
     from petlsearch.runners.trial import TrialOutcome
     from petlsearch.searchspace.budget import Budget
+    from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -138,6 +142,29 @@ def pareto_front(records: Sequence[TrialRecord], cost: str = "params") -> list[T
     return front
 
 
+class Training(Protocol):
+    """The trial interface: what a strategy that trains a model itself (S3PET's supernet) asks of
+    the runner that called it, so that strategies never import the runners. `runners.trial.TRAINING`
+    implements it, and `runners.search.search` passes it in the context."""
+
+    def fresh_model(self, task: Task, plugins: dict[str, Plugin], seed: int,
+                    batch_size: int) -> tuple[nn.Module, ModelGraph, dict[str, Plugin]]:
+        """A fresh frozen backbone of `task`, its graph, and fresh copies of `plugins`, the data-driven
+        ones prepared on it, as every trial starts (nothing attached yet)."""
+        ...
+
+    def groups(self, model: nn.Module, graph: ModelGraph, by_plugin: dict[str, list[nn.Parameter]],
+               recipes: dict[str, Any], cfg: TrainConfig, new_head: bool = True) -> list[ParamGroup]:
+        """The parameter groups a trial trains: each plugin's at its recipe, and the head (made
+        trainable) unless `cfg` or `new_head` says not to."""
+        ...
+
+    def train(self, model: nn.Module, task: Task, groups: list[ParamGroup], cfg: TrainConfig,
+              after_step: Sequence[Callable[[int], None]] = ()) -> TrainResult:
+        """The trials' training loop, with `after_step` callbacks after every optimizer step."""
+        ...
+
+
 @dataclass
 class SearchContext:
     """What a strategy needs: the space and budget, how to evaluate a structure, where to record."""
@@ -154,6 +181,7 @@ class SearchContext:
     objective: Callable[..., TrialOutcome] | None = None  # (placements, report, train) -> TrialOutcome
     progress: Callable[[str], None] | None = None
     lr_scales: tuple[float, float] | None = LR_SCALES  # None: trials train at the recipes' rates
+    training: Training | None = None  # for strategies that train a model themselves (S3PET)
     _journal: Journal | None = field(default=None, repr=False)
     _start: float = field(default_factory=time.monotonic, repr=False)
 

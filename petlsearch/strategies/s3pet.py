@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from petlsearch.errors import PetlsearchError
-from petlsearch.runners.trainer import TrainConfig, pick_device, seed_everything, to_device, train
+from petlsearch.runtime import pick_device, seed_everything, to_device
 from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
 from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill, warm_at
 from petlsearch.strategies.supernet import AUTO, Arm, Supernet, build_supernet, split_train
@@ -40,6 +40,7 @@ from petlsearch.strategies.supernet import AUTO, Arm, Supernet, build_supernet, 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.structure import Placement
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ class S3PETSearch(Strategy):
         low, high = self.stretch
         if not (low <= 0 and high >= 1 and low < high):
             raise PetlsearchError(f"s3pet: stretch (l, r) needs l <= 0 < 1 <= r, got {self.stretch!r}")
+        if ctx.training is None:
+            raise PetlsearchError("s3pet trains its supernet as a trial trains: the search context needs the runner's "
+                                  "training (training=petlsearch.runners.trial.TRAINING)")
 
     @staticmethod
     def discretise(ctx: SearchContext, arms: Sequence[Arm], scores: Sequence[float]) -> list[int]:
@@ -183,8 +187,8 @@ class _BiLevel:
         net.set_warm(warm_at(self.s.warmup, 0, cfg.steps))
         self._snapshot(0)
         try:
-            result = train(net.model, self.search_task, net.groups(cfg, self.search_task.new_head), cfg,
-                           after_step=[self.after_step])
+            result = self.ctx.training.train(net.model, self.search_task, net.groups(cfg, self.search_task.new_head),
+                                             cfg, after_step=[self.after_step])
             return result.val
         except _OutOfTime:
             self.stopped = True

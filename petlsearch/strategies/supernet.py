@@ -7,7 +7,6 @@ budget equations and the split of the training data that the bi-level search nee
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from petlsearch.searchspace.sites import Site
     from petlsearch.searchspace.space import Candidate, SearchSpace
     from petlsearch.searchspace.structure import Applied, Placement
-    from petlsearch.strategies.base import SearchContext
+    from petlsearch.strategies.base import SearchContext, Training
 
 
 @dataclass
@@ -68,8 +67,9 @@ class Supernet:
 
     def __init__(self, model: nn.Module, graph: ModelGraph, arms: list[Arm], constraints: list[Constraint],
                  device: torch.device, gate: str, stretch: tuple[float, float], implicit: bool, seed: int,
-                 recipes: dict[str, Recipe] | None = None) -> None:
+                 recipes: dict[str, Recipe] | None = None, training: Training | None = None) -> None:
         self.model, self.graph, self.arms, self.constraints = model, graph, arms, constraints
+        self.training = training  # the runner's trial interface: parameter groups like a trial's
         self.recipes = recipes or {}  # plugin name -> how its arms train
         self.device, self.gate, self.stretch, self.implicit = device, gate, stretch, implicit
         self.alpha = torch.zeros(len(arms), device=device, requires_grad=True)  # as the authors: all equal
@@ -193,12 +193,9 @@ class Supernet:
     def groups(self, cfg: TrainConfig, new_head: bool = True) -> list[ParamGroup]:
         """The trainer's parameter groups: each plugin's arms at its recipe's rate, and the head
         unless frozen. Remembers each weight's rate for the unrolled step (`rates`)."""
-        from petlsearch.runners.trainer import head_parameters, recipe_groups
-
-        self._head = head_parameters(self.model, self.graph) if cfg.train_head and new_head else []
-        for p in self._head:
-            p.requires_grad_(True)
-        groups = recipe_groups(self._applied().parameters_by_plugin(), self.recipes, self._head, cfg)
+        groups = self.training.groups(self.model, self.graph, self._applied().parameters_by_plugin(), self.recipes,
+                                      cfg, new_head)
+        self._head = next(g.params for g in groups if g.name == "head")
         self._rates = {id(p): g.lr for g in groups for p in g.params}
         return groups
 
@@ -228,29 +225,20 @@ class Supernet:
 def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int | str, device: torch.device,
                    gate: str, stretch: tuple[float, float], implicit: bool) -> Supernet:
     """A fresh model with a frozen backbone and every arm of `ctx.space` attached."""
-    from petlsearch.runners.trainer import freeze_backbone
-    from petlsearch.runners.trial import PREPARE_BATCHES, clone_plugin
-    from petlsearch.searchspace.graph import ModelGraph
-
     arms = expand_arms(ctx.space, ctx.budget, ctx.shape, sizes)
     if not arms:
         raise BudgetError(f"s3pet: no candidate fits the budget {ctx.budget.describe()}")
-    model = task.make_model()
-    freeze_backbone(model)
+    used = {a.placement.plugin for a in arms}
+    model, graph, plugins = ctx.training.fresh_model(
+        task, {n: p for n, p in ctx.space.plugins.items() if n in used}, cfg.seed, cfg.batch_size)
     model.to(device)
-    graph = ModelGraph.from_model(model)
-    plugins = {name: clone_plugin(p) for name, p in ctx.space.plugins.items()}
-    for name in {a.placement.plugin for a in arms}:
-        if plugins[name].needs_data:
-            plugins[name].prepare(model, itertools.islice(task.batches("train", cfg.batch_size, seed=cfg.seed),
-                                                          PREPARE_BATCHES))
     variants: dict[str, int] = {}
     for arm in arms:
         k = variants.get(arm.placement.key, 0)
         arm.module = _attach(plugins[arm.placement.plugin], model, arm.candidate.site, arm.placement.config, k)
         variants[arm.placement.key] = k + 1
     return Supernet(model, graph, arms, constraints(ctx, arms), device, gate, stretch, implicit, ctx.seed,
-                    {name: p.recipe for name, p in plugins.items()})
+                    {name: p.recipe for name, p in plugins.items()}, ctx.training)
 
 
 def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], variant: int) -> PETLModule:

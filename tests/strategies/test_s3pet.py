@@ -12,7 +12,7 @@ from petlsearch.errors import PetlsearchError
 from petlsearch.plugins import create_plugins
 from petlsearch.runners.search import search
 from petlsearch.runners.trainer import TrainConfig
-from petlsearch.runners.trial import run_trial
+from petlsearch.runners.trial import TRAINING, run_trial
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.memory import BatchShape
@@ -51,7 +51,7 @@ def make_ctx(task, budget: str = "600", out=None, timeout=None, calls=None, memo
         return run_trial(task, placements, space.plugins, FAST, report=report)
 
     return SearchContext(space, Budget.parse(budget, memory), task, FAST, 1, 0, out, timeout,
-                         shape=BatchShape(FAST.batch_size, task.max_length), objective=objective)
+                         shape=BatchShape(FAST.batch_size, task.max_length), objective=objective, training=TRAINING)
 
 
 def test_options_are_stored_unchanged_and_checked():
