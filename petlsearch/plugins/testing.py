@@ -1,8 +1,12 @@
 """check_plugin: the conformance kit every plugin passes, built-in or third-party.
 
 Each property is a separate `check_<property>(plugin, family)` with a one-line docstring; a
-failure says which plugin, family and site, and what to change. Known failures are declared as
-`{check_name: reason}` and skipped. Run it from a test::
+failure says which plugin, family and site, and what to change, and so does an exception raised
+inside a check (wrapped, with its last line). A check that does not apply to the plugin (merging a
+plugin that is not mergeable, identity at init for one that declares it is not) raises
+`CheckSkipped` with the reason, and is reported as skipped, never as passed (as scikit-learn's
+estimator checks do). Known failures are declared as `{check_name: reason}` and skipped. Run it
+from a test::
 
     from petlsearch.plugins.testing import check_plugin
     def test_my_plugin():
@@ -17,6 +21,7 @@ import copy
 import random
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,19 @@ MAX_SITES = 4  # sites checked per family: first, last and two in between, to st
 
 class ConformanceError(AssertionError):
     pass
+
+
+class CheckSkipped(Exception):
+    """A check that does not apply to this plugin (or family); the message says why."""
+
+
+@dataclass
+class KitReport:
+    """What `check_plugin` ran: the families with sites, and (check, family, reason) of each skip."""
+
+    families: list[str]
+    passed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def _fail(plugin: Plugin, check: str, family: str, msg: str) -> None:
@@ -155,7 +173,8 @@ def _modules(model: torch.nn.Module) -> list[PETLModule]:
 def check_identity_at_init(plugin: Plugin, family: str) -> None:
     """A freshly attached module leaves the outputs unchanged (where the method defines it)."""
     if not plugin.identity_at_init:
-        return
+        raise CheckSkipped("the plugin declares identity_at_init = False: its modules change the outputs at init "
+                           "by design")
     model, _, inputs, sites = _setup(plugin, family)
     base = _run(model, inputs)
     _attach_all(plugin, model, sites)
@@ -233,7 +252,7 @@ def check_state_roundtrip(plugin: Plugin, family: str) -> None:
 def check_merge(plugin: Plugin, family: str) -> None:
     """merge() folds the modules into the weights with the same outputs (mergeable plugins)."""
     if not plugin.mergeable:
-        return
+        raise CheckSkipped("the plugin is not mergeable (mergeable = False): its modules stay hooks")
     model, _, inputs, sites = _setup(plugin, family)
     attached = _attach_all(plugin, model, sites)
     for _, _, m in attached:
@@ -259,10 +278,97 @@ def check_meta_count(plugin: Plugin, family: str) -> None:
             _fail(plugin, "check_meta_count", family, f"count() returned {n!r} at {site.key}; return an int >= 0")
 
 
+def check_clone(plugin: Plugin, family: str) -> None:
+    """clone() gives a fresh instance of the same class with the same constructor arguments: the
+    same sites and dims (every trial and the supernet start from clones)."""
+    twin = plugin.clone()
+    if type(twin) is not type(plugin) or twin is plugin:
+        _fail(plugin, "check_clone", family, "clone() must return a new instance of the same class")
+    _, graph, _, _ = _setup(plugin, family)
+    mine, theirs = [s.key for s in plugin.sites(graph)], [s.key for s in twin.sites(graph)]
+    if mine != theirs:
+        _fail(plugin, "check_clone", family, "a clone has other sites: store every constructor argument under "
+                                              "its own name (self.<arg> = <arg>) so that clone() can read it back")
+    for site in plugin.sites(graph)[:MAX_SITES]:
+        if plugin.config(site) != twin.config(site):
+            _fail(plugin, "check_clone", family, f"a clone has other default configs at {site.key}: store every "
+                                                  "constructor argument under its own name")
+
+
+def check_sites_stable(plugin: Plugin, family: str) -> None:
+    """The site keys are the same, in the same order, on a fresh copy of the model: a structure
+    file names sites by key and must find them again."""
+    _, graph, _, _ = _setup(plugin, family)
+    again = ModelGraph.from_model(tiny.FAMILIES[family]())
+    first, second = [s.key for s in plugin.sites(graph)], [s.key for s in plugin.clone().sites(again)]
+    if first != second:
+        _fail(plugin, "check_sites_stable", family, f"site keys differ on a fresh model ({first[:2]} vs "
+                                                     f"{second[:2]}); derive them from module names only")
+
+
+def check_dim_defaults(plugin: Plugin, family: str) -> None:
+    """Every dim's default is one of its own valid values, and the default config counts."""
+    _, graph, _, sites = _setup(plugin, family)
+    for site in sites:
+        for name, dim in plugin.dims(site).items():
+            try:
+                ok = dim.validate(dim.default) == dim.default
+            except Exception as exc:  # noqa: BLE001 - reported with the dim's name
+                ok, why = False, f" ({exc})"
+            else:
+                why = ""
+            if not ok:
+                _fail(plugin, "check_dim_defaults", family, f"dim '{name}' at {site.key}: default {dim.default!r} "
+                                                            f"is not a valid value{why}; pick a default inside "
+                                                            "its range or choices")
+        n = plugin.count(site, plugin.config(site))
+        if not isinstance(n, int) or n < 0:
+            _fail(plugin, "check_dim_defaults", family, f"count() of the default config at {site.key} is {n!r}; "
+                                                        "return an int >= 0")
+
+
+def check_memory_hooks(plugin: Plugin, family: str) -> None:
+    """activation_elements (None or an int >= 0) and added_tokens (an int >= 0) answer for sampled
+    configs: the memory model adds what they say."""
+    from petlsearch.searchspace.memory import BatchShape
+
+    _, _, _, sites = _setup(plugin, family)
+    shape = BatchShape(2, 8)
+    for i, site in enumerate(sites):
+        cfg = _sample_cfg(plugin, site, i)
+        elements, tokens = plugin.activation_elements(site, cfg, shape), plugin.added_tokens(site, cfg)
+        if elements is not None and (not isinstance(elements, int) or elements < 0):
+            _fail(plugin, "check_memory_hooks", family, f"activation_elements() at {site.key} is {elements!r}; "
+                                                        "return None (not declared) or an int >= 0")
+        if not isinstance(tokens, int) or tokens < 0:
+            _fail(plugin, "check_memory_hooks", family, f"added_tokens() at {site.key} is {tokens!r}; "
+                                                        "return an int >= 0")
+
+
 CHECKS: dict[str, Callable[[Plugin, str], None]] = {
     f.__name__: f for f in (check_registration, check_recipe, check_sites, check_count_exact, check_identity_at_init,
-                            check_gate_zero, check_detach, check_state_roundtrip, check_merge, check_meta_count)
+                            check_gate_zero, check_detach, check_state_roundtrip, check_merge, check_meta_count,
+                            check_clone, check_sites_stable, check_dim_defaults, check_memory_hooks)
 }
+
+
+def run_check(plugin: Plugin, name: str, family: str) -> str | None:
+    """Run one check on one family: None when it passed, the reason when it does not apply
+    (CheckSkipped). A failure raises ConformanceError naming the check, the family and the fix; an
+    exception from inside the plugin is wrapped into one, with its last line."""
+    try:
+        CHECKS[name](plugin, family)
+    except CheckSkipped as skip:
+        return str(skip)
+    except ConformanceError:
+        raise
+    except Exception as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        hint = ("an update must have the shape of the parameter it changes (GPT-2's Conv1D stores its weight "
+                "as (in, out), a Linear as (out, in): read the site's in_features / out_features)"
+                if "shape" in last or "size" in last else "see the chained exception for where it was raised")
+        raise ConformanceError(f"[{plugin.name}] {name} on {family}: raised {type(exc).__name__}: {last}; {hint}") from exc
+    return None
 
 
 def applicable_families(plugin: Plugin, families: tuple[str, ...] = FAMILIES) -> list[str]:
@@ -277,21 +383,27 @@ def applicable_families(plugin: Plugin, families: tuple[str, ...] = FAMILIES) ->
 
 
 def check_plugin(plugin: Plugin, families: tuple[str, ...] = FAMILIES,
-                 expected_failures: dict[str, str] | None = None) -> list[str]:
-    """Run every check on every family where the plugin has sites; returns the families checked.
+                 expected_failures: dict[str, str] | None = None) -> KitReport:
+    """Run every check on every family where the plugin has sites; a failure raises ConformanceError.
 
-    `expected_failures` maps a check name (or 'check_name:family') to the reason it is skipped.
+    `expected_failures` maps a check name (or 'check_name:family') to the reason it is skipped. The
+    report lists what passed and what was skipped, with the reasons.
     """
     skip = expected_failures or {}
     checked = applicable_families(plugin, families)
     if not checked:
         raise ConformanceError(f"[{plugin.name}] has no site on any of {families}")
+    report = KitReport(checked)
     for family in checked:
-        for name, check in CHECKS.items():
-            if name in skip or f"{name}:{family}" in skip:
-                continue
-            check(plugin, family)
-    return checked
+        for name in CHECKS:
+            reason = skip.get(name, skip.get(f"{name}:{family}"))
+            if reason is None:
+                reason = run_check(plugin, name, family)
+            if reason is None:
+                report.passed.append((name, family))
+            else:
+                report.skipped.append((name, family, reason))
+    return report
 
 
 class PluginConformance:
@@ -301,11 +413,17 @@ class PluginConformance:
     expected_failures: dict[str, str] = {}
 
     def _each(self, plugin: Plugin, name: str) -> None:
+        import pytest
+
         if name in self.expected_failures:
-            return
+            pytest.skip(self.expected_failures[name])
+        reasons = []
         for family in applicable_families(plugin, self.families):
-            if f"{name}:{family}" not in self.expected_failures:
-                CHECKS[name](plugin, family)
+            reason = self.expected_failures.get(f"{name}:{family}") or run_check(plugin, name, family)
+            if reason is not None:
+                reasons.append(reason)
+        if reasons and len(reasons) == len(applicable_families(plugin, self.families)):
+            pytest.skip(reasons[0])
 
     def test_registration(self, plugin: Plugin) -> None:
         self._each(plugin, "check_registration")
@@ -336,3 +454,15 @@ class PluginConformance:
 
     def test_meta_count(self, plugin: Plugin) -> None:
         self._each(plugin, "check_meta_count")
+
+    def test_clone(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_clone")
+
+    def test_sites_stable(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_sites_stable")
+
+    def test_dim_defaults(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_dim_defaults")
+
+    def test_memory_hooks(self, plugin: Plugin) -> None:
+        self._each(plugin, "check_memory_hooks")

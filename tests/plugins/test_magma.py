@@ -118,7 +118,7 @@ def test_features_from_a_frozen_encoder_and_shapes():
 
 def test_conformance_with_the_prefix_active():
     with use(image_features=torch.randn(2, 3, IMAGE_DIM)):
-        assert check_plugin(Magma(image_dim=IMAGE_DIM), families=("gpt2",)) == ["gpt2"]
+        assert check_plugin(Magma(image_dim=IMAGE_DIM), families=("gpt2",)).families == ["gpt2"]
 
 
 # ---------------------------------------------------------------------- captioning digits
