@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from petlsearch.cli import _parse, _training
+from petlsearch.cli import _parse
+from petlsearch.cli.commands import _training
 from petlsearch.errors import PetlsearchError, PluginError
 from petlsearch.plugins import create_plugin, create_plugins
 from petlsearch.plugins.registry import validate

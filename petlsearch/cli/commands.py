@@ -1,7 +1,5 @@
-"""The `petlsearch` command. Start-up imports neither torch nor transformers: each subcommand imports
-what it needs. Exit codes: 0 success, 2 bad input (one line on stderr), 1 unexpected error,
-130 interrupted (the run folder keeps every finished trial; continue with --resume).
-"""
+"""The subcommands (`cmd_<name>(args) -> exit code`) and the small parsers of their flag values. Each
+imports the heavy libraries it needs when it runs."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from petlsearch import __version__
+from petlsearch.cli.config import run_config
 from petlsearch.errors import PetlsearchError
 
 log = logging.getLogger("petlsearch")
@@ -19,7 +17,6 @@ log = logging.getLogger("petlsearch")
 
 def _console(stdout: bool = False) -> Any:
     """Messages and progress go to stderr; tables and results (what a script reads) to stdout."""
-    import sys
 
     from rich.console import Console
 
@@ -149,7 +146,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         roles=_csv(args.roles), layers=[int(x) for x in _csv(args.layers) or []] or None,
                         fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
                         strategy_options=options, on_final_step=final_step, max_length=_max_length(args),
-                        run_config=_run_config(args), text_column=args.text_column,
+                        run_config=run_config(args), text_column=args.text_column,
                         label_column=args.label_column)
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
@@ -295,204 +292,3 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_peft(s, args.structure, args.weights, args.out, model=args.model)
     _console().print(f"wrote {out}")
     return 0
-
-
-# ---------------------------------------------------------------------------- parser
-def _column_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text-column", default="text", help="text column of a csv:/jsonl: task (default: text)")
-    p.add_argument("--label-column", default="label", help="label column of a csv:/jsonl: task (default: label)")
-
-
-def _training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lr", help="learning rate: a scale of every plugin's recipe ('3x', '0.3x'), or one absolute "
-                   "rate for every module ('1e-3'); given, the search does not search it")
-    p.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: the recipes', "
-                   "else 1e-2)")
-    p.add_argument("--batch-size", type=int, help="examples per training step (default 16)")
-    p.add_argument("--max-length", type=int, help="tokens per text example (default 64)")
-    p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda, cuda:N, mps")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="petlsearch", description="Search the best parameter-efficient "
-                                     "fine-tuning structure for a frozen pretrained model under a budget.")
-    parser.add_argument("--version", action="version", version=f"petlsearch {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("search", help="search a structure under a budget, retrain it, write a run folder")
-    parser.set_defaults(search_parser=s)
-    s.add_argument("--budget", default="0.01%", help="trainable parameters: '0.01%%', '1e-4', '25k', '1.2M'")
-    s.add_argument("--memory-budget", help="training memory: '2GiB', '500MB'")
-    s.add_argument("--include-head", action="store_true", help="count the task head against the budget")
-    s.add_argument("--strategy", default="s3pet", help="s3pet (default) | optuna | ray | random | module:Class")
-    s.add_argument("--model", help="minilm (default), efficientnet-lite0, a local folder, or a hub name")
-    s.add_argument("--task", default="rotten_tomatoes", help="rotten_tomatoes, fashion_mnist, digits, csv:PATH, "
-                   "jsonl:PATH, images:DIR, hub:NAME, lm:FILE, multi:TASK+TASK")
-    _column_flags(s)
-    s.add_argument("--plugins", help="comma-separated plugin names (default: lora,adapter,parallel_adapter,bitfit,ia3)")
-    s.add_argument("--plugin", action="append", help="extra plugin as package.module:Class (repeatable)")
-    s.add_argument("--roles", help="only sites of these roles, e.g. attn.q,attn.v,ffn")
-    s.add_argument("--layers", help="only these layers, e.g. 0,1,2")
-    s.add_argument("--trials", type=int, default=4, help="structures to evaluate (s3pet: its supernet trains "
-                   "for trials x steps)")
-    s.add_argument("--steps", type=int, help="training steps per trial")
-    s.add_argument("--final-steps", type=int, help="training steps of the final retraining")
-    s.add_argument("--timeout", type=float, help="stop proposing trials after this many seconds")
-    s.add_argument("--option", action="append", metavar="KEY=VALUE",
-                   help="strategy option, e.g. objectives=[score,params] (optuna), steps=300 (s3pet)")
-    s.add_argument("--address", help="ray: address of an existing Ray cluster (default: a local Ray)")
-    s.add_argument("--seed", type=int, default=0)
-    _training_flags(s)
-    s.add_argument("--out", default="runs/latest", help="run folder")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    s.add_argument("--config", help="YAML file of search options under the flags' names (a run folder's "
-                   "run.yaml repeats that run); flags given as well override it")
-    s.set_defaults(func=cmd_search)
-
-    t = sub.add_parser("train", help="retrain and evaluate a structure file; save its weights")
-    t.add_argument("structure")
-    t.add_argument("--model")
-    t.add_argument("--task", default="rotten_tomatoes")
-    _column_flags(t)
-    t.add_argument("--steps", type=int, help="training steps (default: the structure's train section, else 250)")
-    t.add_argument("--seed", type=int, default=0)
-    _training_flags(t)
-    t.add_argument("--weights", help="where to write the trained weights (.safetensors)")
-    t.add_argument("--force", action="store_true", help="apply to a backbone with another fingerprint")
-    t.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
-    t.set_defaults(func=cmd_train)
-
-    g = sub.add_parser("graph", help="show a model's sites, roles and layers")
-    g.add_argument("model", nargs="?", default="minilm")
-    g.add_argument("--roles", help="only these roles (prefixes)")
-    g.add_argument("--png", help="also draw the graph to this PNG file")
-    g.set_defaults(func=cmd_graph)
-
-    p = sub.add_parser("plugins", help="list installed plugins")
-    p.add_argument("--plugin", action="append", help="also load package.module:Class")
-    p.set_defaults(func=cmd_plugins)
-
-    sh = sub.add_parser("show", help="summarise a structure file")
-    sh.add_argument("structure")
-    sh.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
-    sh.set_defaults(func=cmd_show)
-
-    e = sub.add_parser("export", help="convert a structure: --to merged | peft | yaml | json")
-    e.add_argument("structure")
-    e.add_argument("--to", choices=("merged", "peft", "yaml", "json"), required=True,
-                   help="merged: a Hugging Face model folder with the mergeable placements folded in")
-    e.add_argument("--partial", action="store_true", help="merged: also write the placements that cannot "
-                   "merge as a structure file (default: refuse them)")
-    e.add_argument("--task", default="rotten_tomatoes", help="merged: the task the structure was trained on "
-                   "(its head and label count)")
-    _column_flags(e)
-    e.add_argument("--plugin", action="append", help="extra plugin as package.module:Class")
-    e.add_argument("--weights", help="trained weights (.safetensors; default: next to the structure)")
-    e.add_argument("--model", help="backbone to export for (default: the structure's)")
-    e.add_argument("--out", help="output file or folder")
-    e.set_defaults(func=cmd_export)
-    return parser
-
-
-# ---------------------------------------------------------------------------- config files
-NOT_IN_CONFIG = ("config", "resume", "help")  # a config says what to run, not whether to continue it
-
-
-def _config_actions(sub: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in sub._actions if a.option_strings and a.dest not in NOT_IN_CONFIG}
-
-
-def _config_tokens(path: str, sub: argparse.ArgumentParser) -> list[str]:
-    """The flags a --config YAML file stands for (keys: the flags' names, with - or _)."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise PetlsearchError(f"cannot read the config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise PetlsearchError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise PetlsearchError(f"{path}: a config file is a mapping of option names to values")
-    actions = _config_actions(sub)
-    tokens: list[str] = []
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            from petlsearch.errors import did_you_mean
-
-            names = [d.replace("_", "-") for d in actions]
-            raise PetlsearchError(f"{path}: unknown option '{key}'{did_you_mean(str(key).replace('_', '-'), names)}; "
-                                  f"valid: {', '.join(names)}")
-        tokens += _flag_tokens(path, key, value, action)
-    return tokens
-
-
-def _flag_tokens(path: str, key: str, value: Any, action: argparse.Action) -> list[str]:
-    flag = action.option_strings[-1]
-    if value is None:
-        return []
-    if action.nargs == 0:  # a switch
-        if not isinstance(value, bool):
-            raise PetlsearchError(f"{path}: option '{key}' is a switch: true or false, got {value!r}")
-        return [flag] if value else []
-    if isinstance(action, argparse._AppendAction):
-        items = value if isinstance(value, list) else [value]
-        if isinstance(value, dict):  # option: {objectives: [score, params]}
-            items = [f"{k}={_yaml_scalar(v)}" for k, v in value.items()]
-        return [t for item in items for t in (flag, str(item))]
-    if isinstance(value, list):  # plugins: [lora, bitfit]
-        return [flag, ",".join(str(v) for v in value)]
-    if isinstance(value, dict):
-        raise PetlsearchError(f"{path}: option '{key}' takes one value, got a mapping")
-    return [flag, str(value)]
-
-
-def _yaml_scalar(value: Any) -> str:
-    import yaml
-
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Every search option of this run under the flags' names: written to the run folder as run.yaml,
-    from which `petlsearch search --config` repeats the run."""
-    actions = _config_actions(args.search_parser)
-    return {dest.replace("_", "-"): getattr(args, dest) for dest in actions}
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line, with a search's --config file read in front of the flags given with it."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if getattr(args, "config", None):
-        at = argv.index(args.command) + 1
-        tokens = _config_tokens(args.config, args.search_parser)
-        args = parser.parse_args(argv[:at] + tokens + argv[at:])
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = _parse(argv)
-    except PetlsearchError as exc:
-        print(f"petlsearch: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except PetlsearchError as exc:
-        print(f"petlsearch: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("petlsearch: interrupted; finished trials are kept, continue with --resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

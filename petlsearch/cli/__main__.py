@@ -1,0 +1,5 @@
+import sys
+
+from petlsearch.cli import main
+
+sys.exit(main())
