@@ -3,7 +3,7 @@
 
 For every registered plugin at its default size (all of its sites, default config) on MiniLM
 (all-MiniLM-L6-v2's config), T5-base and ViT-B/16 (configs, random weights): the trainable parameters,
-the memory of one training step measured by petlsearch.searchspace.memory.measure (CPU: the
+the memory of one training step measured by petlsearch.searchspace.measure.measure (CPU: the
 bytes autograd keeps, weights, gradients, AdamW state) and modelled by .estimate, and the model's
 error (target: within 15%, on the total and on the activations alone, so that the frozen weights
 cannot hide an error). Full fine-tuning is measured beside them. Then LST's training memory on
@@ -97,7 +97,8 @@ def make_batch(model: nn.Module, batch: int, seq: int) -> dict[str, Any]:
 def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any) -> dict[str, Any]:
     """Measured and estimated memory of plugin `name` at every site of `base` (head frozen)."""
     from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.searchspace.memory import estimate, measure
+    from petlsearch.searchspace.measure import measure
+    from petlsearch.searchspace.memory import estimate
 
     model = copy.deepcopy(base)
     graph = ModelGraph.from_model(model)
@@ -116,7 +117,7 @@ def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any) ->
 
 
 def full_ft(base: nn.Module, batch: dict[str, Any]) -> int:
-    from petlsearch.searchspace.memory import measure
+    from petlsearch.searchspace.measure import measure
 
     model = copy.deepcopy(base)
     return measure(model, batch, list(M.full_finetuning(model).model.parameters())).total

@@ -9,7 +9,7 @@ plugin of the same name), the new head at the recipe's head rate (1e-2 unless de
 fine-tuning at 5e-5; validation on 512 examples, test on the whole split). Reported:
 trainable parameters (% of the backbone, head excluded), test accuracy (mean and standard
 deviation over seeds), the median step time and the measured training memory (one step,
-petlsearch.searchspace.memory.measure), both as ratios to full fine-tuning's. Expensive: the full
+petlsearch.searchspace.measure.measure), both as ratios to full fine-tuning's. Expensive: the full
 run is 30-odd methods x 3 seeds x 100 steps (about an hour on 2 CPU cores); finished runs are
 kept in results/raw/zoo-runs.jsonl, so an interrupted run resumes where it stopped.
 """
@@ -69,7 +69,7 @@ def recipe_of(label: str) -> dict[str, Any] | None:
 def train_method(task: Any, setup: Callable[[Any, Any], M.Prepared], cfg: Any, with_memory: bool) -> dict[str, Any]:
     """One run: a fresh model, the method, (memory of one step on a copy), training, test accuracy."""
     from petlsearch.runners.trainer import evaluate, train
-    from petlsearch.searchspace.memory import measure
+    from petlsearch.searchspace.measure import measure
 
     prep = setup(M.fresh_model(task, cfg.seed), task)
     memory = None

@@ -12,7 +12,7 @@ from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins import create_plugin
 from petlsearch.plugins.lst import TEMPERATURE, LadderSideTuning, kept_layers, prune_block, side_widths
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import measure
+from petlsearch.searchspace.measure import measure
 
 log = logging.getLogger(__name__)
 

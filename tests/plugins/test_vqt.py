@@ -10,7 +10,7 @@ from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins import create_plugin
 from petlsearch.plugins.vqt import VisualQueryTuning, extend_mask
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import measure
+from petlsearch.searchspace.measure import measure
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:

@@ -17,7 +17,8 @@ from transformers import (
 
 from petlsearch.plugins import create_plugin
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import BatchShape, block_profile, estimate, marginal_cost, measure
+from petlsearch.searchspace.measure import measure
+from petlsearch.searchspace.memory import BatchShape, block_profile, estimate, marginal_cost
 
 B, T = 4, 32
 

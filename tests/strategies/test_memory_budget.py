@@ -9,7 +9,8 @@ from petlsearch.runners.search import search
 from petlsearch.runners.trainer import TrainConfig
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.memory import BatchShape, measure
+from petlsearch.searchspace.measure import measure
+from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
 from petlsearch.searchspace.structure import Backbone, Structure
 
