@@ -29,7 +29,6 @@ stacks get no gradient. The side decoder runs without a KV cache: generate with 
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from dataclasses import dataclass, replace
@@ -40,22 +39,13 @@ from torch import nn
 
 from petlsearch.plugins.base import Plugin
 from petlsearch.plugins.mechanisms.hooks import CACHE_ARGS, PETLModule, cached_length
-from petlsearch.plugins.mechanisms.lean_attention import use_lean_attention
+from petlsearch.plugins.parts.pruning import ROLE_DIMS, hidden_units, prune_block, prune_norm
 from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
-from petlsearch.searchspace.roles import block_role
 from petlsearch.searchspace.sites import Site, stack_sites
 
 TEMPERATURE = 0.1  # mu = sigmoid(alpha / T), as the paper
-# (output dimension, input dimension) of each role, in terms of the widths that shrink
-ROLE_DIMS: dict[str, tuple[str, str | None]] = {
-    "attn.q": ("inner", "hidden"), "attn.k": ("inner", "hidden"), "attn.v": ("inner", "hidden"),
-    "attn.o": ("hidden", "inner"), "ffn.up": ("ffn", "hidden"), "ffn.gate": ("ffn", "hidden"),
-    "ffn.down": ("hidden", "ffn"), "norm": ("hidden", None),
-    "xattn.q": ("inner", "hidden"), "xattn.k": ("inner", "hidden"), "xattn.v": ("inner", "hidden"),
-    "xattn.o": ("hidden", "inner"),
-}
 
 
 @dataclass(frozen=True)
@@ -240,149 +230,6 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-# ---------------------------------------------------------------------- pruning
-def _importance(linears: dict[str, list[nn.Module]], norms: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """L1 norm of the weights that touch each hidden, attention-inner and FFN unit."""
-    score: dict[str, torch.Tensor] = {}
-
-    def add(kind: str, values: torch.Tensor) -> None:
-        score[kind] = score.get(kind, 0) + values.detach().float().abs()
-
-    for role, modules in linears.items():
-        out_kind, in_kind = ROLE_DIMS[role]
-        for m in modules:
-            add(out_kind, m.weight.abs().sum(1))
-            add(in_kind, m.weight.abs().sum(0))
-    for m in norms:
-        add("hidden", m.weight)
-    return score
-
-
-def _top(score: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.topk(score, k).indices.sort().values
-
-
-def _keep(score: dict[str, torch.Tensor], widths: dict[str, int], heads: int) -> dict[str, torch.Tensor]:
-    """Indices kept per dimension; the attention keeps every head, each cut to head_dim / r."""
-    inner = score["inner"].view(heads, -1)
-    per_head = [h * inner.shape[1] + _top(inner[h], widths["head_dim"]) for h in range(heads)]
-    return {"hidden": _top(score["hidden"], widths["hidden"]), "ffn": _top(score["ffn"], widths["ffn"]),
-            "inner": torch.cat(per_head)}
-
-
-def _parts(block: nn.Module) -> tuple[dict[str, list[nn.Module]], list[nn.Module]]:
-    """A block's linears by role (the roles whose widths shrink) and its norms, not counting
-    other plugins' modules attached inside it."""
-    linears: dict[str, list[nn.Module]] = {}
-    norms = []
-    attached = tuple(name + "." for name, m in block.named_modules() if isinstance(m, PETLModule))
-    for name, m in block.named_modules():
-        if isinstance(m, PETLModule) or name.startswith(attached):
-            continue
-        role = block_role(name, type(m).__name__) if name else None
-        if role == "norm":
-            norms.append(m)
-        elif role in ROLE_DIMS:
-            linears.setdefault(role, []).append(m)
-    return linears, norms
-
-
-def hidden_units(blocks: list[nn.Module], width: int) -> torch.Tensor:
-    """The residual-stream units the side network keeps: one set for all its blocks (a pruned
-    network's hidden size is one dimension through every layer, and the ladders hand states from
-    block to block), by L1 norm summed over the blocks."""
-    return _top(sum(_importance(*_parts(b))["hidden"] for b in blocks), width)
-
-
-def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor | None = None) -> nn.Module:
-    """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning);
-    `hidden` fixes which residual-stream units it keeps (default: the block's own largest)."""
-    side = copy.deepcopy(block)
-    _strip(side)
-    use_lean_attention(side)  # its own config copy: the backbone keeps its attention
-    linears, norms = _parts(side)
-    old = {"hidden": linears["attn.q"][0].in_features, "inner": linears["attn.q"][0].out_features}
-    heads = old["inner"] // _head_dim(side, old["inner"])
-    keep = _keep(_importance(linears, norms), widths, heads)
-    if hidden is not None:
-        keep["hidden"] = hidden
-    for role, modules in linears.items():
-        out_kind, in_kind = ROLE_DIMS[role]
-        for m in modules:
-            _slice(m, keep[out_kind], keep[in_kind])
-    for m in norms:
-        _slice(m, keep["hidden"], None)
-    _fix_sizes(side, old, widths, heads)
-    for p in side.parameters():
-        p.requires_grad_(True)
-    return side
-
-
-def prune_norm(norm: nn.Module, hidden: torch.Tensor) -> nn.Module:
-    """A trainable copy of a final norm cut to the side network's `hidden` units."""
-    side = copy.deepcopy(norm)
-    _strip(side)
-    _slice(side, hidden, None)
-    for p in side.parameters():
-        p.requires_grad_(True)
-    return side
-
-
-def _head_dim(block: nn.Module, inner: int) -> int:
-    for m in block.modules():
-        for attr in ("attention_head_size", "head_dim", "key_value_proj_dim"):
-            value = getattr(m, attr, None)
-            if isinstance(value, int) and value > 0 and inner % value == 0:
-                return value
-    raise ValueError(f"lst: cannot find the head size of {type(block).__name__}")
-
-
-def _slice(m: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
-    with torch.no_grad():
-        w = m.weight[out_idx] if in_idx is None else m.weight[out_idx][:, in_idx]
-        m.weight = nn.Parameter(w.clone())
-        if getattr(m, "bias", None) is not None:
-            m.bias = nn.Parameter(m.bias[out_idx].clone())
-    if isinstance(m, nn.Linear):
-        m.out_features, m.in_features = int(out_idx.numel()), int(in_idx.numel())
-    if isinstance(m, nn.LayerNorm):
-        m.normalized_shape = (int(out_idx.numel()),)
-
-
-def _fix_sizes(block: nn.Module, old: dict[str, int], widths: dict[str, int], heads: int) -> None:
-    """Size attributes the attention modules read in forward (head size, inner size, scaling)."""
-    old_head = old["inner"] // heads
-    for m in block.modules():
-        for attr in ("attention_head_size", "head_dim", "key_value_proj_dim", "d_kv"):
-            if getattr(m, attr, None) == old_head:
-                setattr(m, attr, widths["head_dim"])
-        for attr in ("all_head_size", "inner_dim"):
-            if getattr(m, attr, None) == old["inner"]:
-                setattr(m, attr, widths["inner"])
-        for attr in ("embed_dim", "d_model", "hidden_size"):
-            if getattr(m, attr, None) == old["hidden"]:
-                setattr(m, attr, widths["hidden"])
-        for attr in ("scaling", "scale"):
-            value = getattr(m, attr, None)
-            if isinstance(value, float) and math.isclose(value, old_head ** -0.5):
-                setattr(m, attr, widths["head_dim"] ** -0.5)
-
-
-def _strip(block: nn.Module) -> None:
-    """Remove other plugins' modules, hooks and parametrizations from a copied block."""
-    from torch.nn.utils import parametrize
-
-    for m in list(block.modules()):
-        for name, child in list(m.named_children()):
-            if isinstance(child, PETLModule):
-                delattr(m, name)
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-        for name in list(getattr(m, "parametrizations", {}) or {}):
-            parametrize.remove_parametrizations(m, name, leave_parametrized=False)
-
-
-# ---------------------------------------------------------------------- the plugin
 def _supported(graph: Any, stack: str) -> bool:
     nodes = [n for n in graph.nodes.values() if n.stack == stack and n.layer is not None]
     linear_roles = {n.role for n in nodes if n.type == "Linear"}

@@ -10,7 +10,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins import create_plugin
-from petlsearch.plugins.lst import TEMPERATURE, LadderSideTuning, kept_layers, prune_block, side_widths
+from petlsearch.plugins.lst import TEMPERATURE, LadderSideTuning, kept_layers, side_widths
+from petlsearch.plugins.parts.pruning import prune_block
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.measure import measure
 

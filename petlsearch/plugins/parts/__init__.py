@@ -5,6 +5,8 @@
 - `kronecker`: sums of Kronecker products with low-rank factors (Compacter, KAdaptation).
 - `masks`: top-k selection of scored weight entries (FISH, DSEE).
 - `prompts`: soft-prompt length limits and vocabulary initialisation (prompt tuning, ATTEMPT).
+- `pruning`: magnitude-based structured pruning of a block to narrower widths (Ladder Side Tuning's
+  side network).
 - `prefix`: prefix tuning's prefix module and its shared reparameterisation (prefix tuning, MAM, the
   unified view).
 """
