@@ -3,7 +3,7 @@ Parameter-Efficient Tuning" (Hu et al., NeurIPS 2022; the authors' code is thunl
 
 Every candidate of the space is attached at once to one fresh model (the supernet), at a fixed size,
 with a structural parameter alpha_i driving its gate. By default each candidate's size is its
-default scaled so that the whole space costs a few budgets (supernet.auto_scale): under a small
+default scaled so that the whole space costs a few budgets (arms.auto_scale): under a small
 budget that is the authors' space of rank-1 modules everywhere, from which the search keeps many.
 The keep probabilities come from the shifted global sigmoid p_i = sigmoid((alpha_i - b) / beta),
 whose shift b makes the expected cost sum_i n_i p_i equal to the budget (gates.solve_shift); beta
@@ -33,9 +33,10 @@ import torch
 
 from petlsearch.errors import PetlsearchError
 from petlsearch.runtime import pick_device, seed_everything, to_device
+from petlsearch.strategies.arms import AUTO, Arm
 from petlsearch.strategies.base import SearchContext, SearchResult, Strategy, TrialRecord
 from petlsearch.strategies.gates import GATE_TYPES, STRETCH, beta_at, greedy_fill, warm_at
-from petlsearch.strategies.supernet import AUTO, Arm, Supernet, build_supernet, split_train
+from petlsearch.strategies.supernet import Supernet, build_supernet, split_train
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

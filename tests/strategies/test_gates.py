@@ -19,6 +19,7 @@ from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
+from petlsearch.strategies.arms import expand_arms
 from petlsearch.strategies.base import SearchContext
 from petlsearch.strategies.gates import (
     beta_at,
@@ -30,7 +31,6 @@ from petlsearch.strategies.gates import (
     warm_at,
 )
 from petlsearch.strategies.s3pet import S3PETSearch
-from petlsearch.strategies.supernet import expand_arms
 
 costs_st = st.lists(st.integers(1, 10**6), min_size=1, max_size=60)
 

@@ -17,16 +17,10 @@ from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.space import SearchSpace
+from petlsearch.strategies.arms import MIN_HELD, SPACE_RATIO, auto_scale, expand_arms
 from petlsearch.strategies.base import SearchContext, SearchResult, get_strategy
 from petlsearch.strategies.s3pet import S3PETSearch
-from petlsearch.strategies.supernet import (
-    MIN_HELD,
-    SPACE_RATIO,
-    auto_scale,
-    build_supernet,
-    expand_arms,
-    split_train,
-)
+from petlsearch.strategies.supernet import build_supernet, split_train
 
 FAST = TrainConfig(steps=3, batch_size=16, eval_every=0, max_eval_examples=32)
 PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
