@@ -262,18 +262,15 @@ class RunLog:
     resumes where it stopped: a run is keyed by everything that decides its result."""
 
     def __init__(self, path: Path) -> None:
+        from petlsearch.strategies.journal import Journal
+
         self.path = path
+        self.journal = Journal(path, default=_plain)  # fsynced appends; a line torn by a kill is skipped
         self.done: dict[str, Any] = {}
         self._load()
 
     def _load(self) -> None:
-        if not self.path.exists():
-            return
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut off by a kill
-                continue
+        for rec in self.journal.records(by="key"):
             self.done[rec["key"]] = rec["value"]
 
     @staticmethod
@@ -343,11 +340,7 @@ class RunLog:
 
     def put(self, key: str, value: Any) -> None:
         self.done[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps({"key": key, "value": value}, default=_plain) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.journal.append({"key": key, "value": value})
 
 
 def _alive(claim: Path) -> bool:

@@ -11,10 +11,10 @@ concatenation [CLS; query outputs], split per layer). The readout starts at zero
 is the identity. The gradient reaches the queries through their own layer only, never the layers
 below. When nothing below or inside the block trains, the block runs on its T + n tokens without
 autograd and the queries' outputs are recomputed in backward (QueryPass), so training keeps each
-query block's input (B, T, h) rather than its activations: that is why VQT is memory-efficient.
-With autograd on, the block kept its whole activations at every query layer (on ViT-B/16 at batch
-16 x 197, 74% of LoRA's training memory); that direct pass remains for structures that train
-below or inside a query block, whose memory the model then underestimates.
+query block's input (B, T, h) rather than its activations: that is why VQT is memory-efficient
+(with autograd on, the block kept its whole activations at every query layer; docs/benchmarks.md
+has the measurement). That direct pass remains for structures that train below or inside a query
+block, whose memory the model then underestimates.
 
 Works through hooks on the block (no edit of the model's source) for encoder stacks of models
 with a pooled classification head (BERT / RoBERTa, ViT) with eager or SDPA attention.
@@ -35,8 +35,6 @@ from petlsearch.searchspace.dims import Dim, IntDim
 from petlsearch.searchspace.memory import BatchShape
 from petlsearch.searchspace.recipe import Recipe
 from petlsearch.searchspace.sites import Site, block_sites
-
-_POOLED = ("ForSequenceClassification", "ForImageClassification")
 
 
 def extend_mask(mask: torch.Tensor | None, batch: int, tokens: int, queries: int, dtype: torch.dtype,
@@ -204,7 +202,7 @@ class VisualQueryTuning(Plugin):
 
     def sites(self, graph: Any) -> list[Site]:
         heads = graph.find(role="head")
-        if len(heads) != 1 or not graph.info.get("model_type", "").endswith(_POOLED):
+        if len(heads) != 1 or not graph.pooled_head:
             return []
         head = heads[0]
         return [s.with_extra(head=head.path, classes=head.out_features)

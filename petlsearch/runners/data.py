@@ -45,6 +45,19 @@ class Splits:
             raise TaskError(f"unknown split {name!r}; use train, val or test")
         return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
 
+    def subset(self, n_train: int, n_eval: int, seed: int = 0) -> Splits:
+        """At most `n_train` training and `n_eval` validation and test examples, each drawn without
+        replacement (training, then validation, then test, from one generator seeded `seed`) and
+        kept in their order."""
+        rng = np.random.default_rng(seed)
+
+        def cut(x: Any, y: np.ndarray, n: int) -> tuple[Any, np.ndarray]:
+            idx = np.sort(rng.permutation(len(y))[:n])
+            return ([x[i] for i in idx] if isinstance(x, list) else x[idx]), y[idx]
+
+        return Splits(*cut(self.x_train, self.y_train, n_train), *cut(self.x_val, self.y_val, n_eval),
+                      *cut(self.x_test, self.y_test, n_eval), self.classes)
+
 
 def stratified_splits(x: Any, y: np.ndarray, classes: tuple[str, ...], seed: int = 0,
                       val: float = 0.1, test: float = 0.1) -> Splits:

@@ -89,7 +89,7 @@ class Task:
         """A fresh copy of the pretrained model with a new head (loaded from disk once). The new
         head is drawn from a fixed seed, without touching the caller's random state: torch seeds
         each process at random, so a head drawn from the global state made every run depend on
-        what its process had done before (two S3PET runs of one seed were 8 points apart)."""
+        what its process had done before."""
         if "model" not in self._cache:
             import torch
 
@@ -187,7 +187,7 @@ class Task:
 
 
 # ---------------------------------------------------------------------------- factories
-def _text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module], Any]:
+def text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module], Any]:
     """(display name, model factory, tokenizer) for a text backbone."""
     from pathlib import Path
 
@@ -235,7 +235,9 @@ def _named_folder(name: str) -> str:
     return str(model_folder(NAMED_MODELS[name.lower()]))
 
 
-def _text_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], dict[str, Any]]:
+def text_encoder(tokenizer: Any, max_length: int) -> Callable[[list[str]], dict[str, Any]]:
+    """texts -> the tokenizer's tensors, padded to the longest and cut at `max_length` tokens."""
+
     def encode(texts: list[str]) -> dict[str, Any]:
         enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return dict(enc)
@@ -299,11 +301,11 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
         raise TaskError(f"unknown task '{name}'{did_you_mean(name, [t.split(':')[0] for t in TASKS])}; "
                         f"choose one of {', '.join(TASKS)}")
     if limit is not None and kind != "fashion_mnist":  # fashion_mnist reads only `limit` examples itself
-        splits = _limit(splits, limit, seed)
+        splits = splits.subset(limit, max(limit // 8, 2 * len(splits.classes)), seed)  # evaluation shrinks too
     n = len(splits.classes)
     if modality == "text":
-        display, factory, tokenizer = _text_model(model or DEFAULT_MODEL, n)
-        return Task(name, "text", splits, display, factory, _text_encoder(tokenizer, max_length), max_length=max_length,
+        display, factory, tokenizer = text_model(model or DEFAULT_MODEL, n)
+        return Task(name, "text", splits, display, factory, text_encoder(tokenizer, max_length), max_length=max_length,
                     tokenizer=tokenizer)
     model = model or "efficientnet-lite0"
     if model.lower() in IMAGE_MODELS:
@@ -334,24 +336,11 @@ def _hf_image_task(name: str, splits: D.Splits, model: str) -> Task:
     return Task(name, "image", splits, model, factory, _image_encoder(int(size)))
 
 
-def _limit(splits: D.Splits, limit: int, seed: int) -> D.Splits:
-    """At most `limit` training examples (validation and test shrink in proportion)."""
-    rng = np.random.default_rng(seed)
-
-    def cut(x: Any, y: np.ndarray, n: int) -> tuple[Any, np.ndarray]:
-        idx = np.sort(rng.permutation(len(y))[:n])
-        return ([x[i] for i in idx] if isinstance(x, list) else x[idx]), y[idx]
-
-    small = max(limit // 8, 2 * len(splits.classes))
-    return D.Splits(*cut(splits.x_train, splits.y_train, limit), *cut(splits.x_val, splits.y_val, small),
-                    *cut(splits.x_test, splits.y_test, small), splits.classes)
-
-
 def build_model(name: str) -> nn.Module:
     """A model by name for inspection and export: the packaged defaults with weights, or any other
     config (local folder or hub name) built on the meta device (shapes only, no memory)."""
     if name.lower() in TEXT_MODELS or name.lower() in NAMED_MODELS:
-        return _text_model(name, 2)[1]()
+        return text_model(name, 2)[1]()
     if name.lower() in IMAGE_MODELS:
         return D.efficientnet_lite0(10)
     import torch

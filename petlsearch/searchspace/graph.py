@@ -91,6 +91,10 @@ def _find_block_lists(model: nn.Module) -> list[tuple[str, list[str]]]:
     return found
 
 
+# model classes whose head reads one pooled vector per input
+POOLED_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForMultipleChoice")
+
+
 class ModelGraph:
     """Modules as nodes (keyed by path) with containment edges, roles, layers and stacks."""
 
@@ -245,6 +249,12 @@ class ModelGraph:
     @property
     def stacks(self) -> list[str]:
         return list(self.info["stacks"])
+
+    @property
+    def pooled_head(self) -> bool:
+        """Whether the model's head reads one pooled vector per input (sequence, image or multiple-
+        choice classification) rather than every position (token classification, language models)."""
+        return self.info.get("model_type", "").endswith(POOLED_HEADS)
 
     def layers(self, stack: str) -> list[int]:
         return [b.layer for b in self.blocks if b.stack == stack]

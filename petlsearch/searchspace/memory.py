@@ -50,7 +50,6 @@ _ACT_SAVES = {"GELUActivation": 1, "GELU": 1, "ReLU": 1, "SiLU": 1, "SiLUActivat
               "GELUTanh": 1, "PytorchGELUTanh": 1, "NewGELUActivation": 4, "FastGELUActivation": 3,
               "QuickGELUActivation": 2}
 _POST_LN = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "albert", "mpnet", "ernie"}
-_POOLED = ("ForSequenceClassification", "ForImageClassification", "ForMultipleChoice")
 
 
 
@@ -351,7 +350,7 @@ def _stack_top(graph: ModelGraph, stack: str, shape: BatchShape, embed: bool) ->
 
 def _logits(graph: ModelGraph, shape: BatchShape, pooled_inputs: bool) -> float:
     """The loss keeps the logits; a pooler (BERT) keeps its tanh output and the classifier's dropout mask."""
-    pooled = graph.info.get("model_type", "").endswith(_POOLED)
+    pooled = graph.pooled_head
     total = 0.0
     for head in graph.find(role="head"):
         total += (shape.batch if pooled else shape.tokens) * (head.out_features or 0)
