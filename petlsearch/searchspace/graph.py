@@ -91,7 +91,6 @@ def _find_block_lists(model: nn.Module) -> list[tuple[str, list[str]]]:
     return found
 
 
-# model classes whose head reads one pooled vector per input
 POOLED_HEADS = ("ForSequenceClassification", "ForImageClassification", "ForMultipleChoice")
 
 
@@ -252,8 +251,7 @@ class ModelGraph:
 
     @property
     def pooled_head(self) -> bool:
-        """Whether the model's head reads one pooled vector per input (sequence, image or multiple-
-        choice classification) rather than every position (token classification, language models)."""
+        """Whether the head reads one pooled vector per input, not every position (token tasks, LMs)."""
         return self.info.get("model_type", "").endswith(POOLED_HEADS)
 
     def layers(self, stack: str) -> list[int]:

@@ -7,7 +7,7 @@ import torch
 
 from petlsearch.plugins import create_plugin
 from petlsearch.plugins.mechanisms.hooks import WeightDelta
-from petlsearch.plugins.testing import ConformanceError, check_plugin, run_check
+from petlsearch.plugins.testing import CHECKS, ConformanceError, PluginConformance, check_plugin, run_check
 
 
 def test_checks_that_do_not_apply_are_skipped_with_their_reason() -> None:
@@ -56,3 +56,20 @@ def test_a_plugin_that_forgets_a_constructor_argument_fails_the_clone_check() ->
                                             "sites": lambda self, graph: lora(roles=self.hidden_roles).sites(graph)})
     with pytest.raises(ConformanceError, match=r"\[forgetful\] check_clone on bert: "):
         run_check(forgetful(roles=("attn.v",)), "check_clone", "bert")
+
+
+class TestAdapterThroughThePytestBase(PluginConformance):
+    """The pytest base runs one test per check; the merge check, which does not apply, is skipped."""
+
+    families = ("bert",)
+
+    @pytest.fixture
+    def plugin(self):
+        return create_plugin("adapter")
+
+
+def test_the_pytest_base_has_a_test_per_check() -> None:
+    tests = {n for n in dir(PluginConformance) if n.startswith("test_")}
+    assert tests == {"test_" + name.removeprefix("check_") for name in CHECKS}
+    with pytest.raises(pytest.skip.Exception, match="not mergeable"):
+        TestAdapterThroughThePytestBase().test_merge(create_plugin("adapter"))

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins.checks import _perturb
 from petlsearch.plugins.context import use
 from petlsearch.plugins.magma import Magma
 from petlsearch.plugins.parts.bottleneck import bottleneck_count
-from petlsearch.plugins.testing import _perturb, applicable_families, check_plugin
+from petlsearch.plugins.testing import applicable_families, check_plugin
 from petlsearch.searchspace.graph import ModelGraph
 
 IMAGE_DIM = 16

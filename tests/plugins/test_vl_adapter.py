@@ -7,9 +7,10 @@ import torch
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
+from petlsearch.plugins.checks import _perturb
 from petlsearch.plugins.context import use
 from petlsearch.plugins.parts.bottleneck import bottleneck_count
-from petlsearch.plugins.testing import _perturb, check_plugin
+from petlsearch.plugins.testing import check_plugin
 from petlsearch.plugins.vl_adapter import SharedAdapter
 from tests.helpers import frozen_tiny as _frozen
 from tests.helpers import trainable_numel as _trainable
