@@ -159,7 +159,9 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
             "val": run.final.score, "test": run.final.test["accuracy"], "search_s": run.search.seconds,
             "final_s": run.final.seconds, "cost": run.search.seconds / max(run.final.seconds, 1e-9),
             "placements": len(run.structure.placements), "search_steps": options.get("steps", trials * fidelity.steps),
-            "plugins": dict(Counter(p.plugin for p in run.structure.placements))}  # what the search chose
+            "plugins": dict(Counter(p.plugin for p in run.structure.placements)),  # what the search chose
+            "lr_scale": run.search.train.get("lr_scale"),  # the searched rate scale (None: the recipes)
+            "trials": [[r.score, r.metrics.get("loss"), r.train.get("lr_scale")] for r in run.search.history]}
 
 
 def run(opts: Options) -> Report:
