@@ -7,8 +7,8 @@
   applied model's logits. A placement that cannot merge (adapters, prompts, side networks) is
   refused by name, unless `partial`: then the folder also holds `structure.yaml` and
   `weights.safetensors` of the rest, to apply on top of the merged model.
-- peft can carry LoRA (per-module ranks through rank_pattern / alpha_pattern), IA3 and prompt
-  tuning; one adapter holds one of these types. `export_peft` writes `adapter_config.json` and
+- peft can carry LoRA (per-module ranks through rank_pattern / alpha_pattern; with BitFit on exactly
+  LoRA's modules, as bias="lora_only"), IA3 and prompt tuning; one adapter holds one of these types. `export_peft` writes `adapter_config.json` and
   `adapter_model.safetensors` that `PeftModel.from_pretrained` loads with identical outputs.
   Anything else is a StructureError listing the placements peft cannot carry.
 """
@@ -35,21 +35,33 @@ PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING"}
 
 
 def _check_expressible(structure: Structure) -> str:
-    bad = [p.key for p in structure.placements if p.plugin not in PEFT_TYPES]
+    bad = [p.key for p in structure.placements if p.plugin not in PEFT_TYPES and p.plugin != "bitfit"]
     if bad:
-        raise StructureError(f"peft cannot express these placements: {bad}; only {sorted(PEFT_TYPES)} export")
+        raise StructureError(f"peft cannot express these placements: {bad}; only {sorted(PEFT_TYPES)} export "
+                             "(and BitFit beside LoRA)")
     kinds = {p.plugin for p in structure.placements}
-    if len(kinds) != 1:
-        raise StructureError(f"a peft adapter holds one method, this structure mixes {sorted(kinds)}; "
-                             "export a structure of LoRA, IA3 or prompt tuning alone")
+    if kinds == {"lora", "bitfit"}:
+        lora = {p.site for p in structure.placements if p.plugin == "lora"}
+        off = [p.key for p in structure.placements if p.plugin == "bitfit" and p.site not in lora]
+        missing = sorted(lora - {p.site for p in structure.placements if p.plugin == "bitfit"})
+        if off or missing:
+            raise StructureError("peft's bias='lora_only' trains exactly the biases of LoRA's modules: "
+                                 + (f"BitFit placements {off[:3]} are elsewhere" if off else
+                                    f"LoRA's {missing[:3]} have no BitFit placement"))
+        return "lora"
+    if len(kinds) != 1 or kinds == {"bitfit"}:
+        raise StructureError(f"a peft adapter holds one method, this structure has {sorted(kinds)}; export a "
+                             "structure of LoRA (with BitFit on the same modules), IA3 or prompt tuning alone")
     return kinds.pop()
 
 
 def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.Tensor],
-               head: dict[str, torch.Tensor] | None = None, base_model: str | None = None
-               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+               head: dict[str, torch.Tensor] | None = None, base_model: str | None = None,
+               biases: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(adapter_config dict, adapter_model state) for `structure` with trained `state`
-    (keys `<placement key>/<param>`, as Applied.state_dict()) and optional head weights."""
+    (keys `<placement key>/<param>`, as Applied.state_dict()) and optional head weights. BitFit
+    beside LoRA needs the backbone's own `biases` (module path -> bias): peft stores the trained
+    bias itself, petlsearch the offset to it."""
     method = _check_expressible(structure)
     resolved = structure.resolve(graph, plugins_for(structure), force=True)
     head = head or {}
@@ -57,18 +69,25 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
                               "base_model_name_or_path": base_model, "inference_mode": True}
     tensors: dict[str, torch.Tensor] = {}
     if method == "lora":
-        ranks = {site.path: cfg["rank"] for _, _, site, cfg in resolved}
-        alphas = {site.path: cfg["alpha"] for _, _, site, cfg in resolved}
+        offsets = {site.path: state[f"{p.key}/bias"] for p, _, site, _ in resolved if p.plugin == "bitfit"}
+        lora = [(p, site) for p, _, site, _ in resolved if p.plugin == "lora"]
+        ranks = {site.path: cfg["rank"] for p, _, site, cfg in resolved if p.plugin == "lora"}
+        alphas = {site.path: cfg["alpha"] for p, _, site, cfg in resolved if p.plugin == "lora"}
         r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-        conv1d = {graph.node(site.path).type == "Conv1D" for _, _, site, _ in resolved}
+        conv1d = {graph.node(site.path).type == "Conv1D" for _, site in lora}
         if len(conv1d) > 1:
             raise StructureError("peft's fan_in_fan_out is global: LoRA on Conv1D and Linear together cannot export")
-        config.update(r=r, lora_alpha=alpha, target_modules=sorted(ranks), lora_dropout=0.0, bias="none",
-                      fan_in_fan_out=conv1d.pop(), rank_pattern={k: v for k, v in ranks.items() if v != r},
+        config.update(r=r, lora_alpha=alpha, target_modules=sorted(ranks), lora_dropout=0.0,
+                      bias="lora_only" if offsets else "none", fan_in_fan_out=conv1d.pop(),
+                      rank_pattern={k: v for k, v in ranks.items() if v != r},
                       alpha_pattern={k: v for k, v in alphas.items() if v != alpha})
-        for p, _, site, _ in resolved:
+        for p, site in lora:
             for ours, theirs in (("lora_A", "lora_A.weight"), ("lora_B", "lora_B.weight")):
                 tensors[f"base_model.model.{site.path}.{theirs}"] = state[f"{p.key}/{ours}"]
+        for path, offset in offsets.items():
+            if biases is None or path not in biases:
+                raise StructureError(f"exporting BitFit to peft needs the backbone's bias of {path}")
+            tensors[f"base_model.model.{path}.base_layer.bias"] = biases[path] + offset
     elif method == "ia3":
         ff = sorted(site.path for _, _, site, _ in resolved if site.get("where") == "input")
         config.update(target_modules=sorted(site.path for _, _, site, _ in resolved), feedforward_modules=ff)
@@ -90,8 +109,10 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
 
 
 def export_peft(structure: Structure, structure_path: str | Path, weights: str | Path | None = None,
-                out: str | Path | None = None, model: str | None = None, graph: ModelGraph | None = None) -> Path:
-    """Write a peft adapter folder next to the structure (or at `out`)."""
+                out: str | Path | None = None, model: str | None = None, graph: ModelGraph | None = None,
+                backbone: Any = None) -> Path:
+    """Write a peft adapter folder next to the structure (or at `out`); `backbone` (the pretrained
+    model, built from the structure's backbone name when not given) supplies BitFit's base biases."""
     from safetensors.torch import load_file
 
     _check_expressible(structure)  # fail before building anything
@@ -99,12 +120,18 @@ def export_peft(structure: Structure, structure_path: str | Path, weights: str |
     weights = _trained_weights(structure_path, weights)
     head_file = weights.with_name("head.safetensors")
     head = load_file(str(head_file)) if head_file.exists() else None
-    if graph is None:
+    if backbone is None and (graph is None or any(p.plugin == "bitfit" for p in structure.placements)):
         from petlsearch.runners.tasks import build_model
+
+        backbone = build_model(model or structure.backbone.name)
+    if graph is None:
         from petlsearch.searchspace.graph import ModelGraph
 
-        graph = ModelGraph.from_model(build_model(model or structure.backbone.name))
-    config, tensors = peft_files(structure, graph, load_file(str(weights)), head, model or structure.backbone.name)
+        graph = ModelGraph.from_model(backbone)
+    biases = ({name.removesuffix(".bias"): p.detach() for name, p in backbone.named_parameters()
+               if name.endswith(".bias")} if backbone is not None else None)
+    config, tensors = peft_files(structure, graph, load_file(str(weights)), head, model or structure.backbone.name,
+                                 biases)
     out = Path(out) if out else structure_path.with_name("peft_adapter")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "adapter_config.json", json.dumps(config, indent=2))

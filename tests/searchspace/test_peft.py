@@ -4,6 +4,7 @@ export / import of structure files as peft adapter folders."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -134,3 +135,48 @@ def test_import_peft_roundtrip(tmp_path) -> None:
     x = tiny.inputs("bert")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**x).logits, model(**x).logits)
+
+
+def test_lora_with_bitfit_on_its_modules_exports_as_lora_only_bias(tmp_path) -> None:
+    graph = ModelGraph.from_model(tiny.bert())
+    space = SearchSpace.from_graph(graph, create_plugins(["lora", "bitfit"]), roles=("attn.q", "attn.v"))
+    placements = [c.placement({"rank": 2, "alpha": 4, "dropout": 0.0} if c.plugin == "lora" else {})
+                  for c in space.candidates]
+    assert {p.plugin for p in placements} == {"lora", "bitfit"}
+    structure = space.structure(placements)
+    model = tiny.bert()
+    applied = _trained(model, structure)
+    x = tiny.inputs("bert")
+    with torch.no_grad():
+        ours = model(**x).logits
+    base = tiny.bert()
+    applied.save_weights(tmp_path / "weights.safetensors")
+    from safetensors.torch import save_file
+
+    from petlsearch.runners.export import export_peft
+
+    save_file({f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
+              str(tmp_path / "head.safetensors"))
+    structure.save(tmp_path / "structure.yaml")
+    folder = export_peft(structure, tmp_path / "structure.yaml", backbone=tiny.bert())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["bias"] == "lora_only"
+    loaded = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        theirs = loaded(**x).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(theirs, tiny.bert()(**x).logits)  # the adapter changed something
+
+
+def test_bitfit_elsewhere_than_loras_modules_is_refused_by_name(tmp_path) -> None:
+    from petlsearch.errors import StructureError
+    from petlsearch.runners.export import export_peft
+
+    graph = ModelGraph.from_model(tiny.bert())
+    space = SearchSpace.from_graph(graph, create_plugins(["lora", "bitfit"]), roles=("attn.q", "ffn.up"))
+    placements = [c.placement(space.plugins[c.plugin].config(c.site)) for c in space.candidates
+                  if (c.plugin == "lora") == (c.site.role == "attn.q")]  # LoRA on q, BitFit on the FFN
+    structure = space.structure(placements)
+    structure.save(tmp_path / "structure.yaml")
+    with pytest.raises(StructureError, match=r"bias='lora_only'.*BitFit placements \['encoder\.L0\.ffn\.up"):
+        export_peft(structure, tmp_path / "structure.yaml", backbone=tiny.bert())
