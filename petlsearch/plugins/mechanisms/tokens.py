@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from petlsearch.searchspace.graph import ModelGraph, Node
 
 _POSITIONAL = re.compile(r"pos|wpe|token_type|segment", re.IGNORECASE)
+# relative-position bias tables (MPNet's encoder-level relative_attention_bias, heads wide): neither
+# the word embedding nor an absolute position table that bounds the length
+_RELATIVE = re.compile(r"relative|attention_bias", re.IGNORECASE)
 _ATTR = "_petl_token_slots"
 
 
@@ -57,7 +60,8 @@ def _word_embedding(graph: ModelGraph, stack: str, list_path: str) -> Node | Non
     """The token-embedding table of a stack: an `embed` Embedding that is not positional, the one
     closest to the blocks (T5's encoder.embed_tokens rather than the root's shared table)."""
     tables = [n for n in graph.find(role="embed", stack=stack, type="Embedding")
-              if not _POSITIONAL.search(n.path.rsplit(".", 1)[-1])]
+              if not _POSITIONAL.search(n.path.rsplit(".", 1)[-1]) and not _RELATIVE.search(n.path)]
+
     def depth(n: Node) -> tuple[int, int]:
         common = _common_prefix(n.path, list_path)
         return (common.count(".") + 1 if common else 0, n.in_features or 0)
@@ -88,7 +92,8 @@ def stack_layout(graph: ModelGraph, stack: str) -> dict[str, Any] | None:
         return None
     decoders = [b for b in graph.blocks if b.stack != stack and graph.find(role="xattn", stack=b.stack)]
     tables = [n.in_features for n in graph.find(role="embed", stack=stack, type="Embedding")
-              if _POSITIONAL.search(n.path.rsplit(".", 1)[-1]) and "token_type" not in n.path]
+              if _POSITIONAL.search(n.path.rsplit(".", 1)[-1]) and "token_type" not in n.path
+              and not _RELATIVE.search(n.path)]
     conv = next((n for n in graph.find(role="conv", stack=stack)
                  if box and n.path.startswith(box.path + ".") and len(n.params.get("weight", ())) == 4), None)
     fan_in = None

@@ -1,0 +1,99 @@
+"""Every plugin on the real pretrained backbones beyond MiniLM: the 12-layer MPNet encoder and the
+30-layer SmolLM2 (Llama) decoder. Each plugin that has sites there attaches at a spread of them
+(first, last, two between) with its default config: identity at init where it declares it, an
+effect once its weights move, and gate 0 giving back the bare model's outputs exactly. A plugin
+with no site on the family is reported as skipped with that reason."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from petlsearch.errors import MissingDependencyError
+from petlsearch.plugins import create_plugin, list_plugins
+from petlsearch.plugins.checks import _perturb, _run, _spread
+from petlsearch.searchspace.graph import ModelGraph
+
+pytestmark = pytest.mark.slow
+SNIPPETS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate cliches."]
+
+
+def _folder(key: str):
+    from petlsearch.runners.named_models import model_folder
+
+    try:
+        return model_folder(key)
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def mpnet():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = _folder("mpnet")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    inputs = dict(AutoTokenizer.from_pretrained(folder)(SNIPPETS, padding=True, return_tensors="pt"))
+    return model, inputs, {**inputs, "labels": torch.tensor([1, 0])}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _folder("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = AutoTokenizer.from_pretrained(folder)(SNIPPETS[:1], return_tensors="pt")
+    inputs = dict(ids)
+    return model, inputs, {**inputs, "labels": ids["input_ids"]}
+
+
+def _check(name: str, backbone: tuple) -> None:
+    model, inputs, labelled = backbone
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    plugin = create_plugin(name)
+    graph = ModelGraph.from_model(model)
+    sites = plugin.sites(graph)
+    if not sites:
+        pytest.skip(f"{name} has no site on {type(model).__name__}")
+    if plugin.needs_data:
+        plugin.prepare(model, [labelled])
+    base = _run(model, inputs)
+    modules = [plugin.attach(model, site, plugin.config(site)) for site in _spread(plugin.sites(graph))]
+    if plugin.identity_at_init:
+        torch.testing.assert_close(_run(model, inputs), base, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m: f"{name} is not the identity at init on the real model: {m}")
+    for m in modules:
+        _perturb(m)
+    moved = _run(model, inputs)
+    assert moved.shape != base.shape or not torch.allclose(moved, base, atol=1e-6), f"{name} has no effect"
+    for m in modules:
+        m.gate = 0.0
+    torch.testing.assert_close(_run(model, inputs), base, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"{name} at gate 0 still changes the real model's outputs: {m}")
+
+
+# found by this test, not fixed yet (issue 21): strict, so a fix shows up as a failure to remove them
+MPNET_KNOWN = {
+    **dict.fromkeys(("prefix_tuning", "hyperprompt", "mam_adapter", "unified"),
+                    "kv_prefix sites are offered on MPNet, whose MPNetSelfAttention does not dispatch through "
+                    "transformers' AttentionInterface: attaching fails with a PluginError"),
+    "vpt": "tokens inserted at a layer's input meet the relative position bias MPNetEncoder computed once at the "
+           "input's length (23 against 13 positions)",
+}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=MPNET_KNOWN[n], strict=True))
+                                  if n in MPNET_KNOWN else n for n in list_plugins()])
+def test_every_plugin_on_the_real_mpnet(name: str, mpnet) -> None:
+    _check(name, mpnet)
+
+
+@pytest.mark.parametrize("name", list_plugins())
+def test_every_plugin_on_the_real_smollm2(name: str, smollm2) -> None:
+    _check(name, smollm2)
