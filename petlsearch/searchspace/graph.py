@@ -128,11 +128,8 @@ class ModelGraph:
                 blocks.append(block)
                 block_of[p] = block
         if not blocks:
-            warnings.warn(
-                f"petlsearch: no repeated blocks recognised in {type(model).__name__}; "
-                "only its Linear/Conv/Norm/Embedding modules outside blocks get sites",
-                stacklevel=2,
-            )
+            warnings.warn(f"petlsearch: no repeated blocks recognised in {type(model).__name__}; only its "
+                          "Linear/Conv/Norm/Embedding modules outside blocks get sites", stacklevel=2)
         default_stack = blocks[0].stack if blocks else "encoder"
         nodes: dict[str, Node] = {}
         for path, module in model.named_modules():
@@ -223,6 +220,8 @@ class ModelGraph:
             heads = _heads_of(model, attn.path if attn else None, config, stack)
             hidden = q.in_features if q else None
             info["stacks"][stack] = {"layers": len(layers), "hidden_size": hidden, "num_heads": heads}
+        attentions = {type(model.get_submodule(n.path)) for n in nodes.values() if n.role in ("attn", "xattn")}
+        info["prefixable"] = sorted(c.__name__ for c in attentions if R.dispatches_attention(c))  # kv_prefix sites
         if config is not None and hasattr(config, "to_dict"):
             info["config"] = {k: v for k, v in config.to_dict().items()
                               if isinstance(v, (int, float, str, bool)) or v is None}

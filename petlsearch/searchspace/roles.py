@@ -8,6 +8,7 @@ falls through to the same name patterns, which is the structural fallback.
 
 from __future__ import annotations
 
+import functools
 import re
 
 ROLES = (
@@ -108,3 +109,16 @@ def outer_role(path: str, type_name: str) -> str | None:
     if "Norm" in type_name:
         return "norm"
     return None
+
+
+@functools.cache
+def dispatches_attention(cls: type) -> bool:
+    """Whether an attention module class computes attention through transformers' AttentionInterface
+    (its forward calls ALL_ATTENTION_FUNCTIONS): only those can take extra keys and values (kv_prefix)
+    without an edit of the model's source. True when the source cannot be read (compiled, REPL)."""
+    import inspect
+
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True

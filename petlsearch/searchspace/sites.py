@@ -103,9 +103,13 @@ def block_sites(graph: ModelGraph, kind: str, **extra: Any) -> list[Site]:
 
 
 def attention_sites(graph: ModelGraph, kind: str, roles: tuple[str, ...] = ("attn", "xattn")) -> list[Site]:
-    """One site per attention module (where attention is computed), with heads and head_dim."""
+    """One site per attention module (where attention is computed), with heads and head_dim; for
+    kv_prefix only those that dispatch through transformers' AttentionInterface."""
     sites = []
+    prefixable = graph.info.get("prefixable")
     for n in graph.find(role=roles):
+        if kind == "kv_prefix" and prefixable is not None and n.type not in prefixable:
+            continue  # its forward computes attention itself: no way to add keys without editing it
         heads = graph.num_heads(n.stack or "") or 1
         hidden = graph.hidden_size(n.stack or "") or 0
         kv = graph.find(role=f"{n.role}.k", stack=n.stack, layer=n.layer)

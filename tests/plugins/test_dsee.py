@@ -8,7 +8,7 @@ import torch
 
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.dsee import DSEE, prune, residual_support
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from petlsearch.searchspace.graph import ModelGraph
 
 

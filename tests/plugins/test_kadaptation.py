@@ -6,7 +6,7 @@ import torch
 
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.kadaptation import KAdaptation
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from petlsearch.scoring import IntrinsicDimension
 from tests.helpers import frozen_tiny as _frozen
 

@@ -8,7 +8,7 @@ from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.mam import MAMAdapter
 from petlsearch.plugins.parts.bottleneck import ParallelAdapterModule, bottleneck_count
 from petlsearch.plugins.parts.prefix import PrefixModule
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from tests.helpers import frozen_tiny as _frozen
 from tests.helpers import trainable_numel as _trainable
 

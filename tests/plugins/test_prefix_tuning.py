@@ -10,7 +10,7 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.mechanisms.kv_prefix import IMPL
 from petlsearch.plugins.prefix_tuning import PrefixTuning
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from petlsearch.searchspace.graph import ModelGraph
 from tests.helpers import trainable_numel as _trainable
 

@@ -14,7 +14,7 @@ from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.context import use
 from petlsearch.plugins.st_adapter import STAdapter, clips_from_images
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from petlsearch.searchspace.graph import ModelGraph
 
 

@@ -7,7 +7,7 @@ import torch
 
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins.parts.bottleneck import bottleneck_count
-from petlsearch.plugins.testing import _perturb
+from petlsearch.plugins.checks import _perturb
 from petlsearch.plugins.unified import UnifiedView
 from tests.helpers import frozen_tiny as _frozen
 

@@ -21,7 +21,6 @@ prefix is skipped outright, which is exactly the original attention.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import sys
@@ -34,6 +33,7 @@ from torch import nn
 
 from petlsearch.errors import PluginError
 from petlsearch.plugins.mechanisms.hooks import PETLModule
+from petlsearch.searchspace.roles import dispatches_attention
 from petlsearch.searchspace.sites import Site
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 IMPL = "petl_kv_prefix"
 BASES = ("sdpa", "eager")
 _registered = False
-_uses_interface: dict[type, bool] = {}
 
 
 def impl_name(base: str) -> str:
@@ -94,19 +93,10 @@ def attention_config(target: nn.Module, site: Site) -> Any:
     if config is None or not hasattr(config, "_attn_implementation"):
         raise PluginError(f"kv_prefix site '{site.key}': {type(target).__name__} has no transformers config; "
                           "prefixes need an attention that dispatches through transformers' AttentionInterface")
-    if not _dispatches(type(target)):
+    if not dispatches_attention(type(target)):
         raise PluginError(f"kv_prefix site '{site.key}': {type(target).__name__}.forward does not call "
                           "ALL_ATTENTION_FUNCTIONS, so a prefix cannot be added without editing its source")
     return config
-
-
-def _dispatches(cls: type) -> bool:
-    if cls not in _uses_interface:
-        try:
-            _uses_interface[cls] = "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # no source (compiled, REPL): trust the config
-            _uses_interface[cls] = True
-    return _uses_interface[cls]
 
 
 def enable(config: Any) -> None:
