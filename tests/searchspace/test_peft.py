@@ -46,7 +46,7 @@ def _export_and_load(tmp_path, structure, applied, model, base):
     save_file({f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
               str(tmp_path / "head.safetensors"))
     structure.save(tmp_path / "structure.yaml")
-    folder = export_peft(structure, tmp_path / "structure.yaml", graph=ModelGraph.from_model(base))
+    folder = export_peft(structure, tmp_path / "structure.yaml", backbone=base)
     return PeftModel.from_pretrained(base, str(folder)).eval(), folder
 
 
@@ -149,19 +149,9 @@ def test_lora_with_bitfit_on_its_modules_exports_as_lora_only_bias(tmp_path) -> 
     x = tiny.inputs("bert")
     with torch.no_grad():
         ours = model(**x).logits
-    base = tiny.bert()
-    applied.save_weights(tmp_path / "weights.safetensors")
-    from safetensors.torch import save_file
-
-    from petlsearch.runners.export import export_peft
-
-    save_file({f"classifier.{k}": v.contiguous() for k, v in model.classifier.state_dict().items()},
-              str(tmp_path / "head.safetensors"))
-    structure.save(tmp_path / "structure.yaml")
-    folder = export_peft(structure, tmp_path / "structure.yaml", backbone=tiny.bert())
+    loaded, folder = _export_and_load(tmp_path, structure, applied, model, tiny.bert())
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["bias"] == "lora_only"
-    loaded = peft.PeftModel.from_pretrained(base, str(folder)).eval()
     with torch.no_grad():
         theirs = loaded(**x).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
