@@ -68,7 +68,7 @@ class OptunaSearch(Strategy):
     def run(self, ctx: SearchContext) -> SearchResult:
         optuna = require("optuna", "the optuna strategy")
         start = time.monotonic()
-        objectives = _objectives(self.objectives)
+        objectives = parse_objectives(self.objectives)
         enc = Encoding(ctx.space, ctx.budget, ctx.shape, self.group_by, self.buckets, infeasible=self.infeasible,
                        lr_scales=ctx.lr_scales)
         study = self._study(optuna, ctx, objectives, enc)
@@ -181,7 +181,8 @@ class OptunaSearch(Strategy):
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
 
 
-def _objectives(spec: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+def parse_objectives(spec: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """The objective names of a `objectives` option ("score,params" or a sequence), checked against OBJECTIVES."""
     names = tuple(s.strip() for s in spec.split(",")) if isinstance(spec, str) else tuple(spec)
     bad = [n for n in names if n not in OBJECTIVES]
     if bad or not names or names[0] != "score" or len(set(names)) != len(names):

@@ -37,7 +37,7 @@ from petlsearch.strategies.base import (
     trial_value,
 )
 from petlsearch.strategies.encoding import Encoding
-from petlsearch.strategies.optuna import OBJECTIVES, _objectives
+from petlsearch.strategies.optuna import OBJECTIVES, parse_objectives
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -90,7 +90,7 @@ class RayTuneSearch(Strategy):
     def run(self, ctx: SearchContext) -> SearchResult:
         ray = require("ray", "the ray strategy")
         require("ray.tune", "the ray strategy")
-        objectives = _objectives(self.objectives)
+        objectives = parse_objectives(self.objectives)
         started = self._init(ray)
         try:
             return self._search(ctx, objectives)
