@@ -22,17 +22,20 @@ from pathlib import Path
 from bench.common import RESULTS, Options, Report, Table, Target, environment
 
 log = logging.getLogger("bench")
-BENCHMARKS = ("overhead", "scale", "memory", "recipes", "fidelity", "zoo", "horizon", "search", "pruning", "vision")
+DEFAULT = ("overhead", "scale", "memory", "recipes", "fidelity", "zoo", "horizon", "search", "pruning", "vision")
+# hours on 2 CPU cores, resumed from their run logs across sessions: run by name only (--only mpnet)
+REAL_BACKBONES = ("mpnet",)
+BENCHMARKS = DEFAULT + REAL_BACKBONES
 CHEAP = ("overhead", "scale", "memory")
-SHARED = ("recipes", "fidelity", "zoo", "horizon", "search", "vision")  # made of independent runs kept in a run log: --jobs 2 splits them
+SHARED = ("recipes", "fidelity", "zoo", "horizon", "search", "vision", "mpnet")  # made of independent runs kept in a run log: --jobs 2 splits them
 SUITE_LIMIT_MIN = 120  # every benchmark in full mode, end to end, on 2 CPU cores (issue 12)
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small, fast versions (what the test suite runs)")
-    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all); "
-                                              "'cheap' = overhead,scale,memory")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all but "
+                                              f"{','.join(REAL_BACKBONES)}); 'cheap' = overhead,scale,memory")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: bench/results)")
     p.add_argument("--steps", type=int, help="training steps per run (zoo, search, vision)")
     p.add_argument("--seeds", type=int, help="seeds per method (zoo, vision)")
@@ -45,7 +48,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Options, list[str]]:
     p.add_argument("--reverse", action="store_true", help=argparse.SUPPRESS)  # a --jobs 2 helper's order
     p.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)  # a --jobs 2 helper: no report
     args = p.parse_args(argv)
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(BENCHMARKS)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(DEFAULT)
     names = [m for n in names for m in (CHEAP if n == "cheap" else (n,))]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -103,7 +106,7 @@ def suite_report(opts: Options, reports: Sequence[Report], seconds: float, env: 
     """The whole run's wall time, when it ran every benchmark in full mode at its own sizes (the
     figure issue 12 asks for); None for any other run."""
     own_sizes = all(v is None for v in (opts.steps, opts.seeds, opts.repeats, opts.trials))
-    if opts.quick or not own_sizes or [r.name for r in reports] != list(BENCHMARKS):
+    if opts.quick or not own_sizes or [r.name for r in reports] != list(DEFAULT):
         return None
     report = Report("suite", "The whole suite, end to end", "Every benchmark in full mode in one run, with the "
                     "wall time of each (training benchmarks split over two processes with --jobs 2).", False,

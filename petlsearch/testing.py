@@ -45,7 +45,7 @@ def tiny_text_task(limit: int = 256, seed: int = 0, layers: int = 2, hidden: int
         return BertForSequenceClassification(cfg)
 
     return Task("rotten_tomatoes_tiny", "text", splits, "tiny-bert", factory, text_encoder(tokenizer, 32),
-                max_length=32)
+                max_length=32, tokenizer=tokenizer)
 
 
 def frozen_tiny(family: str = "bert") -> tuple[nn.Module, ModelGraph]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import BENCHMARKS, parse, run_one, summary
+from bench.__main__ import BENCHMARKS, DEFAULT, parse, run_one, summary
 from bench.common import (
     Options,
     Report,
@@ -88,6 +88,17 @@ def test_zoo_quick(tmp_path: Path) -> None:
     assert rows["lora"]["trainable"] == rows["peft lora"]["trainable"] > 0  # the same modules
     assert rows["head only"]["trainable"] == 0 and rows["full fine-tuning"]["memory / full FT"] == 1.0
     assert 0.0 <= rows["lora"]["test acc"] <= 1.0
+
+
+def test_mpnet_quick(tmp_path: Path) -> None:
+    report = run_one("mpnet", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    rows = _rows(report.tables[0])
+    assert set(rows) == {"full fine-tuning", "head only", "lora", "lst"}
+    assert rows["head only"]["trainable"] == 0 < rows["lst"]["trainable"]
+    memory = _rows(report.tables[1])
+    assert memory["full fine-tuning"]["/ full FT"] == 1.0 and 0 < memory["lst"]["/ full FT"] < 1.0
+    assert [t.name.split()[0] for t in report.targets] == ["lst", "vqt", "LST's"]
 
 
 def test_recipes_quick(tmp_path: Path) -> None:
@@ -221,7 +232,8 @@ def test_jobs_2_runs_a_helper_that_fills_the_run_log(tmp_path: Path) -> None:
 def test_cli_options(tmp_path: Path) -> None:
     opts, names = parse(["--quick", "--only", "cheap,zoo", "--out", str(tmp_path), "--steps", "5"])
     assert names == ["overhead", "scale", "memory", "zoo"] and opts.quick and opts.steps == 5
-    assert parse([])[1] == list(BENCHMARKS)
+    assert parse([])[1] == list(DEFAULT)  # the real backbones' hours-long runs only by name
+    assert parse(["--only", "mpnet"])[1] == ["mpnet"] and set(BENCHMARKS) == {*DEFAULT, "mpnet"}
     with pytest.raises(SystemExit):
         parse(["--only", "nonsense"])
     # the summary gathers every report in the folder: one written earlier, one now
@@ -235,7 +247,7 @@ def test_suite_report_times_a_full_run_of_every_benchmark(tmp_path: Path) -> Non
     from bench.__main__ import suite_report
     from bench.common import environment
 
-    reports = [Report(name, name, "d", False, seconds=600.0) for name in BENCHMARKS]
+    reports = [Report(name, name, "d", False, seconds=600.0) for name in DEFAULT]
     full = Options(out=tmp_path, jobs=2)
     suite = suite_report(full, reports, 7300.0, environment())
     assert suite is not None and suite.command == "python -m bench --jobs 2"

@@ -138,20 +138,28 @@ class Plugin:
                               f"valid: {sorted(dims)}")
         return {k: d.validate(cfg[k]) if k in cfg else d.default for k, d in dims.items()}
 
-    def attach(self, model: nn.Module, site: Site, cfg: dict[str, Any] | None = None) -> PETLModule:
-        """Build the module for (site, cfg), install it in `model`, and return it."""
+    def attach(self, model: nn.Module, site: Site, cfg: dict[str, Any] | None = None,
+               variant: int = 0) -> PETLModule:
+        """Build the module for (site, cfg), install it in `model`, and return it. A `variant` k > 0
+        is a second module of this plugin at the same site (S3PET's supernet holds several sizes
+        of a candidate), installed under its own child name (petl_<plugin>_size<k>)."""
         self._attaching = model  # scope of `shared`
         try:
             module = self.build(site, self.config(site, cfg))
         finally:
             self._attaching = None
-        module.plugin_name = self.name
+        module.plugin_name = f"{self.name}_size{variant}" if variant else self.name
         reference = next(model.get_submodule(site.path).parameters(), None)
         reference = reference if reference is not None else next(model.parameters(), None)
         if reference is not None and reference.device.type != "meta":
             module.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
         module.train(model.training)
-        module.install(model)
+        try:
+            module.install(model)
+        except Exception as exc:
+            if not variant:
+                raise
+            raise PluginError(f"'{self.name}' cannot hold two modules at {site.key} ({exc})") from exc
         return module
 
     def __repr__(self) -> str:

@@ -69,10 +69,10 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
                               "base_model_name_or_path": base_model, "inference_mode": True}
     tensors: dict[str, torch.Tensor] = {}
     if method == "lora":
-        offsets = {site.path: state[f"{p.key}/bias"] for p, _, site, _ in resolved if p.plugin == "bitfit"}
-        lora = [(p, site) for p, _, site, _ in resolved if p.plugin == "lora"]
-        ranks = {site.path: cfg["rank"] for p, _, site, cfg in resolved if p.plugin == "lora"}
-        alphas = {site.path: cfg["alpha"] for p, _, site, cfg in resolved if p.plugin == "lora"}
+        offsets = {site.path: state[f"{p.key}/bias"] for p, (_, site, _) in resolved if p.plugin == "bitfit"}
+        lora = [(p, site) for p, (_, site, _) in resolved if p.plugin == "lora"]
+        ranks = {site.path: cfg["rank"] for p, (_, site, cfg) in resolved if p.plugin == "lora"}
+        alphas = {site.path: cfg["alpha"] for p, (_, site, cfg) in resolved if p.plugin == "lora"}
         r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
         conv1d = {graph.node(site.path).type == "Conv1D" for _, site in lora}
         if len(conv1d) > 1:
@@ -89,13 +89,13 @@ def peft_files(structure: Structure, graph: ModelGraph, state: dict[str, torch.T
                 raise StructureError(f"exporting BitFit to peft needs the backbone's bias of {path}")
             tensors[f"base_model.model.{path}.base_layer.bias"] = biases[path] + offset
     elif method == "ia3":
-        ff = sorted(site.path for _, _, site, _ in resolved if site.get("where") == "input")
-        config.update(target_modules=sorted(site.path for _, _, site, _ in resolved), feedforward_modules=ff)
-        for p, _, site, _ in resolved:
+        ff = sorted(site.path for _, (_, site, _) in resolved if site.get("where") == "input")
+        config.update(target_modules=sorted(site.path for _, (_, site, _) in resolved), feedforward_modules=ff)
+        for p, (_, site, _) in resolved:
             vec = state[f"{p.key}/ia3_l"]
             tensors[f"base_model.model.{site.path}.ia3_l"] = vec[None, :] if site.path in ff else vec[:, None]
     else:
-        (p, _, site, cfg), = resolved
+        (p, (_, site, cfg)), = resolved
         info = graph.info["stacks"].get(site.stack, {})
         config.update(num_virtual_tokens=cfg["length"], token_dim=site.in_features, num_transformer_submodules=1,
                       num_attention_heads=info.get("num_heads"), num_layers=info.get("layers"),

@@ -23,7 +23,7 @@ from torch import nn
 
 from petlsearch.errors import TaskError
 from petlsearch.plugins.context import current_task, use
-from petlsearch.runners.tasks import Task
+from petlsearch.runners.task import Task
 
 
 class TaskHeads(nn.Module):

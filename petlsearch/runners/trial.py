@@ -26,7 +26,7 @@ from petlsearch.runners.trainer import (
 )
 from petlsearch.runtime import seed_everything
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.structure import Applied, Backbone, Placement, Structure
+from petlsearch.searchspace.structure import Applied, Placement, attach, bind
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -76,7 +76,7 @@ def fresh_backbone(task: Task, placements: Sequence[Placement], plugins: dict[st
     used = {p.plugin for p in placements}
     model, graph, fresh = fresh_model(task, {n: p for n, p in plugins.items() if n in used}, seed, batch_size)
     fresh.update({n: p.clone() for n, p in plugins.items() if n not in used})
-    applied = Structure(Backbone(), list(placements)).apply(model, fresh, graph, force=True)
+    applied = attach(model, bind(placements, graph, fresh))
     return model, graph, applied, fresh
 
 

@@ -25,13 +25,15 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from petlsearch.searchspace.structure import count_bound
+
 if TYPE_CHECKING:
+    from collections.abc import Sequence
 
     from petlsearch.plugins.base import Plugin
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.sites import Site
-
-    Resolved = tuple[Plugin, Site, dict[str, Any]]  # a placement resolved to its plugin, site and config
+    from petlsearch.searchspace.structure import Bound
 
 # Levels inside a block where a placement can sit; a block keeps the activations at and above it.
 BELOW, ATTN_IN, ATTN_V, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 7)
@@ -193,9 +195,10 @@ def bytes_per_trainable(dtype_bytes: int = 4, optimizer: str = "adamw") -> int:
     return {"adamw": 4, "sgd": 2}[optimizer] * dtype_bytes
 
 
-def estimate(graph: ModelGraph, placements: list[Resolved], shape: BatchShape, *, device: str = "cpu",
+def estimate(graph: ModelGraph, placements: Sequence[Bound], shape: BatchShape, *, device: str = "cpu",
              attention: str = "sdpa", optimizer: str = "adamw") -> MemoryEstimate:
-    """Peak training memory of `placements` on the model of `graph` for batches of `shape`.
+    """Peak training memory of `placements` (bound: configs checked, as `SearchSpace.bound` and
+    `Structure.resolve` give them) on the model of `graph` for batches of `shape`.
 
     `shape.seq` is the length of every stack's sequences (patches + class token for ViT, the
     decoder's too for T5). `device` 'cpu' is calibrated against `measure`; 'cuda' assumes bool
@@ -203,18 +206,12 @@ def estimate(graph: ModelGraph, placements: list[Resolved], shape: BatchShape, *
     """
     dt = shape.dtype_bytes
     weights = graph.num_parameters(include_head=True) * dt
-    trainable = _trainable_count(placements) * bytes_per_trainable(dt, optimizer)
+    trainable = count_bound(placements) * bytes_per_trainable(dt, optimizer)
     breakdown = _activations(graph, placements, shape, device=device, sdpa=attention == "sdpa")
     activations = int(round(sum(breakdown.values()) * dt))
     breakdown = {k: int(round(v * dt)) for k, v in breakdown.items()}
     breakdown.update(weights=weights, trainable_state=trainable)
     return MemoryEstimate(weights + trainable + activations, weights, trainable, activations, breakdown)
-
-
-def _trainable_count(placements: list[Resolved]) -> int:
-    from petlsearch.searchspace.structure import count_placements
-
-    return count_placements([(plugin, site, plugin.config(site, cfg)) for plugin, site, cfg in placements])
 
 
 def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchShape) -> float:
@@ -232,7 +229,7 @@ def _own_elements(plugin: Plugin, site: Site, cfg: dict[str, Any], shape: BatchS
     return 0.0
 
 
-def _added_tokens(graph: ModelGraph, placements: list[Resolved]) -> dict[str, list[int]]:
+def _added_tokens(graph: ModelGraph, placements: Sequence[Bound]) -> dict[str, list[int]]:
     """Per stack, the positions token placements add to each layer's sequence: input-level tokens
     join every layer; a layer's prompts (VPT) replace the previous layer's, so the longest counts."""
     inputs: dict[str, int] = {}
@@ -280,7 +277,7 @@ def _start(graph: ModelGraph, site: Site) -> tuple[int, int] | None:
     return (site.layer, _level(graph, site))
 
 
-def _shared_inputs(placements: list[Resolved], shape: BatchShape) -> float:
+def _shared_inputs(placements: Sequence[Bound], shape: BatchShape) -> float:
     """Placements of one plugin on projections that read the same tensor (q / k / v, up / gate)
     save that input once: autograd keeps one storage."""
     groups: dict[tuple, list[float]] = {}
@@ -294,7 +291,7 @@ def _shared_inputs(placements: list[Resolved], shape: BatchShape) -> float:
     return sum(sum(v[1:]) for v in groups.values())
 
 
-def _activations(graph: ModelGraph, placements: list[Resolved], shape: BatchShape, device: str,
+def _activations(graph: ModelGraph, placements: Sequence[Bound], shape: BatchShape, device: str,
                  sdpa: bool) -> dict[str, float]:
     """fp32-equivalent elements kept for backward, by part: blocks per stack, tops, own, logits."""
     out: dict[str, float] = {}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import BudgetError, PluginError
 from petlsearch.searchspace.budget import Budget
-from petlsearch.searchspace.structure import Backbone, Placement, Structure, count_placements
+from petlsearch.searchspace.structure import Backbone, Bound, Placement, Structure, bind, count_bound
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin
@@ -64,6 +64,10 @@ class SearchSpace:
         self.plugins = plugins
         self.candidates = candidates
         self._by_key = {c.key: c for c in candidates}
+        # plugin -> site key -> Site: the candidates' sites, the only ones a placement binds to
+        self._sites: dict[str, dict[str, Site]] = {name: {} for name in plugins}
+        for c in candidates:
+            self._sites.setdefault(c.plugin, {})[c.site.key] = c.site
         self.backbone_params = graph.num_parameters()
         self.head_params = graph.num_parameters(include_head=True) - self.backbone_params
 
@@ -114,13 +118,13 @@ class SearchSpace:
 
     def count(self, placements: Sequence[Placement]) -> int:
         """Exact trainable parameters of `placements` (shared parts once)."""
-        return count_placements(self._resolved(placements))
+        return count_bound(self.bound(placements))
 
     def memory(self, placements: Sequence[Placement], shape: BatchShape) -> int:
         """Estimated peak training memory in bytes (see searchspace.memory)."""
         from petlsearch.searchspace.memory import estimate
 
-        return estimate(self.graph, self._resolved(placements), shape).total
+        return estimate(self.graph, self.bound(placements), shape).total
 
     def bind(self, budget: Budget) -> Budget:
         """`budget` for this space's backbone and head (as it is, when already bound)."""
@@ -131,12 +135,9 @@ class SearchSpace:
         memory = self.memory(placements, shape) if budget.memory is not None and shape is not None else None
         return budget.fits(self.count(placements), memory)
 
-    def _resolved(self, placements: Sequence[Placement]) -> list[tuple[Plugin, Site, dict[str, Any]]]:
-        out = []
-        for p in placements:
-            c = self._by_key[p.candidate_key]
-            out.append((self.plugins[c.plugin], c.site, p.config))
-        return out
+    def bound(self, placements: Sequence[Placement]) -> list[Bound]:
+        """`placements` bound to this space's candidates (structure.bind, on the candidates' sites)."""
+        return [b for _, b in bind(placements, self.graph, self.plugins, self._sites)]
 
     # ------------------------------------------------------------------ sampling
     def sample_config(self, candidate: Candidate, rng: random.Random) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
 
@@ -19,7 +19,7 @@ from petlsearch.errors import PetlsearchError, StructureError, did_you_mean
 from petlsearch.files import save_tensors, write_text
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping, Sequence
 
     import torch
     from torch import nn
@@ -144,9 +144,9 @@ class Structure:
 
     # ------------------------------------------------------------------ model side
     def resolve(self, graph: ModelGraph, plugins: Mapping[str, Plugin],
-                force: bool = False) -> list[tuple[Placement, Plugin, Site, dict[str, Any]]]:
-        """Match placements to the sites of `graph` with the `plugins` they name (by name:
-        `petlsearch.plugins.plugins_for(structure)` makes them); check the backbone and each config."""
+                force: bool = False) -> list[tuple[Placement, Bound]]:
+        """Each placement bound to its site on `graph` with the instance of the plugin it names (by
+        name: `petlsearch.plugins.plugins_for(structure)` makes them); checks the backbone."""
         fp = graph.fingerprint()
         if self.backbone.fingerprint and self.backbone.fingerprint != fp and not force:
             raise StructureError(
@@ -154,30 +154,11 @@ class Structure:
                 f"{self.backbone.num_parameters:,} parameters, {self.backbone.fingerprint}); the model is "
                 f"{graph.family} with {graph.num_parameters():,} parameters ({fp}). Pass force=True "
                 "(--force) to place it by site name on a backbone of the same shape")
-        missing = sorted({p.plugin for p in self.placements} - set(plugins))
-        if missing:
-            raise StructureError(f"no plugin instance for {missing}: pass one per plugin the structure names "
-                                 "(petlsearch.plugins.plugins_for(structure))")
-        by_plugin: dict[str, dict[str, Site]] = {}  # each plugin's sites, found once
-        out = []
-        for p in self.placements:
-            plugin = plugins[p.plugin]
-            if p.plugin not in by_plugin:
-                by_plugin[p.plugin] = {s.key: s for s in plugin.sites(graph)}
-            sites = by_plugin[p.plugin]
-            if p.site not in sites:
-                raise StructureError(f"placement {p.key}: the model has no site '{p.site}' for plugin "
-                                     f"'{p.plugin}'{did_you_mean(p.site, sites)}")
-            try:
-                cfg = plugin.config(sites[p.site], p.config)
-            except PetlsearchError as exc:
-                raise StructureError(f"placement {p.key}: {exc}") from None
-            out.append((p, plugin, sites[p.site], cfg))
-        return out
+        return bind(self.placements, graph, plugins)
 
     def count(self, graph: ModelGraph, plugins: Mapping[str, Plugin], force: bool = True) -> int:
         """Exact trainable parameters of the structure on `graph` (shared parameters counted once)."""
-        return count_placements([(pl, s, c) for _, pl, s, c in self.resolve(graph, plugins, force=force)])
+        return count_bound(b for _, b in self.resolve(graph, plugins, force=force))
 
     def apply(self, model: nn.Module, plugins: Mapping[str, Plugin], graph: ModelGraph | None = None,
               force: bool = False) -> Applied:
@@ -185,26 +166,72 @@ class Structure:
         save, merge or detach."""
         from petlsearch.searchspace.graph import ModelGraph
 
-        graph = graph or ModelGraph.from_model(model)
-        resolved = self.resolve(graph, plugins, force=force)
-        attached: list[tuple[Placement, PETLModule]] = []
+        return attach(model, self.resolve(graph or ModelGraph.from_model(model), plugins, force=force))
+
+
+class Bound(NamedTuple):
+    """A placement bound to a model: its plugin instance, its site on the model's graph and its
+    config checked against the plugin's dims (defaults filled in). What counting, the memory model
+    and attaching read."""
+
+    plugin: Plugin
+    site: Site
+    config: dict[str, Any]
+
+
+def bind(placements: Sequence[Placement], graph: ModelGraph, plugins: Mapping[str, Plugin],
+         sites: dict[str, dict[str, Site]] | None = None) -> list[tuple[Placement, Bound]]:
+    """Each placement with its Bound: the one resolver of placements (structures, trials, the
+    search space). `sites` (plugin name -> site key -> Site) caches each plugin's sites on `graph`,
+    found once; a search space passes its candidates' sites, so that only those bind."""
+    missing = sorted({p.plugin for p in placements} - set(plugins))
+    if missing:
+        raise StructureError(f"no plugin instance for {missing}: pass one per plugin the structure names "
+                             "(petlsearch.plugins.plugins_for(structure))")
+    sites = {} if sites is None else sites
+    out = []
+    for p in placements:
+        plugin = plugins[p.plugin]
+        if p.plugin not in sites:
+            sites[p.plugin] = {s.key: s for s in plugin.sites(graph)}
+        own = sites[p.plugin]
+        if p.site not in own:
+            raise StructureError(f"placement {p.key}: the model has no site '{p.site}' for plugin "
+                                 f"'{p.plugin}'{did_you_mean(p.site, own)}")
         try:
-            for p, plugin, site, cfg in resolved:
-                module = plugin.attach(model, site, cfg)
-                module.tasks = frozenset(p.tasks) if p.tasks else None
-                attached.append((p, module))
-        except Exception:
-            for _, m in reversed(attached):
-                m.uninstall()
-            raise
-        return Applied(attached)
+            cfg = plugin.config(own[p.site], p.config)
+        except PetlsearchError as exc:
+            raise StructureError(f"placement {p.key}: {exc}") from None
+        out.append((p, Bound(plugin, own[p.site], cfg)))
+    return out
 
 
-def count_placements(items: list[tuple[Plugin, Site, dict[str, Any]]]) -> int:
+def attach(model: nn.Module, bound: Sequence[tuple[Placement, Bound]]) -> Applied:
+    """Attach each bound placement to `model`: the one way a structure, a trial or S3PET's
+    supernet installs modules. A placement key seen again (the supernet's second size of a
+    candidate) is installed beside the first (`Plugin.attach`'s `variant`). Nothing stays
+    attached when one fails."""
+    attached: list[tuple[Placement, PETLModule]] = []
+    seen: dict[str, int] = {}
+    try:
+        for p, (plugin, site, cfg) in bound:
+            variant = seen.get(p.key, 0)
+            seen[p.key] = variant + 1
+            module = plugin.attach(model, site, cfg, variant=variant)
+            module.tasks = frozenset(p.tasks) if p.tasks else None
+            attached.append((p, module))
+    except Exception:
+        for _, m in reversed(attached):
+            m.uninstall()
+        raise
+    return Applied(attached)
+
+
+def count_bound(bound: Iterable[tuple[Plugin, Site, dict[str, Any]]]) -> int:
     """Sum of per-placement counts plus each shared part once (see Plugin.shared_key)."""
     total = 0
     shared: dict[tuple[str, Any], int] = {}
-    for plugin, site, cfg in items:
+    for plugin, site, cfg in bound:
         total += plugin.count(site, cfg)
         key = plugin.shared_key(site, cfg)
         if key is not None:

@@ -15,19 +15,17 @@ import numpy as np
 import torch
 
 from petlsearch.errors import BudgetError, PetlsearchError, PluginError
+from petlsearch.searchspace.structure import Bound, attach
 from petlsearch.strategies.arms import SPACE_RATIO, Arm, expand_arms
 from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, solve_shift
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from petlsearch.plugins.base import Plugin
-    from petlsearch.plugins.mechanisms.hooks import PETLModule
     from petlsearch.runners.tasks import Task
     from petlsearch.runners.trainer import ParamGroup, TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.recipe import Recipe
-    from petlsearch.searchspace.sites import Site
     from petlsearch.searchspace.structure import Applied
     from petlsearch.strategies.base import SearchContext, Training
 
@@ -218,32 +216,15 @@ def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int 
     model, graph, plugins = ctx.training.fresh_model(
         task, {n: p for n, p in ctx.space.plugins.items() if n in used}, cfg.seed, cfg.batch_size)
     model.to(device)
-    variants: dict[str, int] = {}
-    for arm in arms:
-        k = variants.get(arm.placement.key, 0)
-        arm.module = _attach(plugins[arm.placement.plugin], model, arm.candidate.site, arm.placement.config, k)
-        variants[arm.placement.key] = k + 1
+    try:
+        applied = attach(model, [(a.placement, Bound(plugins[a.placement.plugin], a.candidate.site,
+                                                        a.placement.config)) for a in arms])
+    except PluginError as exc:
+        raise PluginError(f"s3pet: {exc}; use sizes=1 (one size per candidate)") from exc
+    for arm, (_, module) in zip(arms, applied.modules):
+        arm.module = module
     return Supernet(model, graph, arms, constraints(ctx, arms), device, gate, stretch, implicit, ctx.seed,
                     {name: p.recipe for name, p in plugins.items()}, ctx.training)
-
-
-def _attach(plugin: Plugin, model: nn.Module, site: Site, cfg: dict[str, Any], variant: int) -> PETLModule:
-    """plugin.attach, except that a second size at the same site is installed under its own
-    child name (petl_<plugin>_size<k>), so that both can live in the supernet."""
-    if variant == 0:
-        return plugin.attach(model, site, cfg)
-    module = plugin.build(site, plugin.config(site, cfg))
-    module.plugin_name = f"{plugin.name}_size{variant}"
-    ref = next(model.get_submodule(site.path).parameters(), None)
-    ref = ref if ref is not None else next(model.parameters())
-    module.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-    module.train(model.training)
-    try:
-        module.install(model)
-    except Exception as exc:
-        raise PluginError(f"s3pet: '{plugin.name}' cannot hold two sizes at {site.key} in one supernet "
-                          f"({exc}); use sizes=1") from exc
-    return module
 
 
 def constraints(ctx: SearchContext, arms: list[Arm]) -> list[Constraint]:
@@ -259,7 +240,7 @@ def constraints(ctx: SearchContext, arms: list[Arm]) -> list[Constraint]:
         from petlsearch.searchspace.memory import estimate, marginal_cost
 
         space, shape = ctx.space, ctx.shape
-        resolved = [(space.plugins[a.placement.plugin], a.candidate.site, a.placement.config) for a in arms]
+        resolved = space.bound([a.placement for a in arms])
         logits = estimate(space.graph, resolved[:1], shape).breakdown.get("logits", 0)  # paid once by any structure
         fixed = estimate(space.graph, [], shape).total + logits
         costs = [marginal_cost(space.graph, p, s, c, shape) for p, s, c in resolved]
