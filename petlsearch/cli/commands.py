@@ -208,13 +208,19 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     graph = ModelGraph.from_model(build_model(args.model))
     table = Table(title=f"{args.model}: {graph.family}, {graph.num_parameters():,} backbone parameters")
-    for col in ("name", "role", "layer", "type", "in", "out", "params"):
+    columns = ("name", "role", "from", "layer", "type", "in", "out", "params")
+    for col in columns:
         table.add_column(col)
-    for row in graph.summary_rows():
+    rows = graph.summary_rows()
+    for row in rows:
         if args.roles and not any(str(row["role"]).startswith(r) for r in _csv(args.roles)):
             continue
-        table.add_row(*(str(row[c] if row[c] is not None else "") for c in ("name", "role", "layer", "type", "in", "out", "params")))
+        table.add_row(*(str(row[c] if row[c] is not None else "") for c in columns))
     console.print(table)
+    found = sum(row["from"] == "structure" for row in rows)
+    if found:
+        console.print(f"{found} role(s) from the model's structure (shapes and order of each block's Linear "
+                      "layers), where no name rule knew the module: 'from' says structure")
     for stack, info in graph.info["stacks"].items():
         console.print(f"stack {stack}: {info['layers']} layers, hidden {info['hidden_size']}, {info['num_heads']} heads")
     if args.png:

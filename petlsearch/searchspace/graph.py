@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 
 from petlsearch.searchspace import roles as R
+from petlsearch.searchspace.structural import fill_roles
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,16 +41,11 @@ class Node:
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
     in_features: int | None = None
     out_features: int | None = None
+    role_from: str | None = None  # "structure" where searchspace.structural found the role, not a name
 
     @property
     def numel(self) -> int:
-        total = 0
-        for shape in self.params.values():
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(shape) for shape in self.params.values())
 
 
 @dataclass(frozen=True)
@@ -134,6 +131,7 @@ class ModelGraph:
         nodes: dict[str, Node] = {}
         for path, module in model.named_modules():
             nodes[path] = cls._make_node(path, module, block_of, default_stack, model)
+        fill_roles(nodes, blocks, R.LINEAR_TYPES)  # where no name rule knew a Linear of a block
         cls._mark_containers(nodes)
         cls._name_nodes(nodes, [b.path for b in blocks])
         info = cls._read_info(model, nodes, blocks)
@@ -146,7 +144,7 @@ class ModelGraph:
     @staticmethod
     def _make_node(path: str, module: nn.Module, block_of: dict[str, Block], default_stack: str,
                    model: nn.Module) -> Node:
-        type_name = type(module).__name__
+        type_name = R.type_name(module)
         params = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False)}
         fin, fout = _features(module, type_name)
         block = None
@@ -283,7 +281,8 @@ class ModelGraph:
         """One row per roled node: name, role, layer, stack, type, shape; for tables and the CLI."""
         return [
             {"name": n.name, "role": n.role, "layer": n.layer, "stack": n.stack, "type": n.type,
-             "in": n.in_features, "out": n.out_features, "params": n.numel, "path": n.path}
+             "in": n.in_features, "out": n.out_features, "params": n.numel, "path": n.path,
+             "from": n.role_from or "name"}
             for n in self.nodes.values() if n.role is not None
         ]
 

@@ -38,6 +38,18 @@ LINEAR_TYPES = {"Linear", "Conv1D", "NonDynamicallyQuantizableLinear"}
 CONV_TYPES = {"Conv2d", "Conv1d", "Conv3d", "Conv2dStaticSamePadding", "Conv2dDynamicSamePadding"}
 
 
+def type_name(module: object) -> str:
+    """The module's class name; a subclass of nn.Linear that keeps its layout (Falcon's FalconLinear)
+    is a 'Linear', so that every rule for Linear layers applies to it."""
+    name = type(module).__name__
+    if name not in LINEAR_TYPES and name not in CONV_TYPES:
+        from torch import nn
+
+        if isinstance(module, nn.Linear):
+            return "Linear"
+    return name
+
+
 def family_of(model: object) -> str:
     """The model family: its config's model_type, else a wrapper's `petlsearch_family` attribute
     (a wrapper around a CNN names what it wraps), else its class name, lower case."""
@@ -64,7 +76,18 @@ def stack_of(list_path: str, family: str) -> str:
         return "vision"
     if family in {"gpt2", "llama", "mistral", "gpt_neox", "opt", "gptj", "qwen2", "phi", "falcon", "gemma"}:
         return "decoder"
-    return "encoder"
+    return "decoder" if _decoder_only(family) else "encoder"
+
+
+@functools.cache
+def _decoder_only(family: str) -> bool:
+    """A family transformers knows as a causal LM and not as a masked LM (Phi-3, OLMo, Gemma 3):
+    its blocks are a decoder stack whatever its modules are called."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        return False
+    return family in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and family not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def block_role(rel_path: str, type_name: str) -> str | None:
