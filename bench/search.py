@@ -147,6 +147,16 @@ def full_ft(task: Any, final: Any, seed: int = 0) -> dict[str, Any]:
             "step_s": result.step_seconds}
 
 
+def fidelities(quick: bool = False, trial_steps: int | None = None) -> tuple[Any, Any]:
+    """(trial, final) TrainConfigs of this benchmark: 20-step trials validated on 256 examples
+    every 10 steps, a 100-step final run at batch 16 (the zoo's)."""
+    from petlsearch.runners.trainer import TrainConfig
+
+    trial = TrainConfig(steps=trial_steps or (2 if quick else 20), batch_size=16, eval_every=0 if quick else 10,
+                        max_eval_examples=256, device="cpu")
+    return trial, TrainConfig(steps=3 if quick else 100, batch_size=16, max_eval_examples=512, device="cpu")
+
+
 def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any, final: Any,
                seed: int) -> dict[str, Any]:
     from petlsearch.runners.search import search
@@ -166,7 +176,6 @@ def one_search(task: Any, budget: str, strategy: str, trials: int, fidelity: Any
 
 def run(opts: Options) -> Report:
     from petlsearch.plugins import create_plugins
-    from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.space import SearchSpace
     from petlsearch.strategies.base import LR_SCALES
@@ -175,11 +184,7 @@ def run(opts: Options) -> Report:
     task = tiny_task(128) if opts.quick else minilm_task()
     budgets = opts.pick(["0.1%"], ["0.01%", "0.1%", "1%"])
     trials = opts.pick(2, 6, opts.trials)
-    per_trial = opts.pick(2, 20, opts.steps)
-    batch = 16
-    fidelity = TrainConfig(steps=per_trial, batch_size=batch, eval_every=opts.pick(0, 10),
-                           max_eval_examples=256, device="cpu")
-    final = TrainConfig(steps=opts.pick(3, 100), batch_size=batch, max_eval_examples=512, device="cpu")
+    fidelity, final = fidelities(opts.quick, opts.steps)
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(PLUGINS))
     designs = opts.pick([d for d in HAND_MADE if d[0] in ("LoRA q,v", "BitFit")], HAND_MADE)
@@ -210,7 +215,7 @@ def run(opts: Options) -> Report:
             for b, p in picked.items()}
     for b, h in hand.items():
         log.info("search: best hand-made at %s: %s", b, h)
-    table = Table(f"{task.model_name} on {task.name}: {trials} trials x {per_trial} steps per search, final "
+    table = Table(f"{task.model_name} on {task.name}: {trials} trials x {fidelity.steps} steps per search, final "
                   f"{final.steps} steps",
                   ["budget", "method", "seeds", "trainable", "test acc", "+- (std)", "val acc",
                    "search cost (x final run)"])
@@ -231,7 +236,7 @@ def run(opts: Options) -> Report:
         report.targets += targets(rows, hand, full)
     report.plots.append(str(pareto(rows, hand, full, opts.out / f"{report.stem}.png")))
     report.data = {"searches": rows, "hand_made": hand, "full_finetuning": full, "trials": trials,
-                   "steps_per_trial": per_trial, "final_steps": final.steps}
+                   "steps_per_trial": fidelity.steps, "final_steps": final.steps}
     report.notes.append("Equal compute: every strategy trains trials x steps-per-trial steps before its final run "
                         "(S3PET: a supernet of (trials - 1) x steps, then its structure for one trial).")
     if not opts.quick:
