@@ -131,15 +131,21 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
         weights = out_dir / "weights.safetensors" if out_dir else None
         outcome = run_trial(task, found.best, space.plugins, final, test=True, weights_path=weights,
                             progress=on_final_step)
-        say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps")
-        baselines = trivial_baselines(task, final)
-        learned = beats(outcome.test, baselines, task.metric)
+        say(f"baselines: the majority class and the head alone trained for the same {final.steps} steps"
+            if task.new_head else "baseline: the pretrained model as it is")
+        scores = trivial_baselines(task, final)
+        baselines = {name: s[task.metric] for name, s in scores.items()}
+        learned = beats(outcome.test, scores, task.metric)
         _judge(outcome.test.get(task.metric, float("nan")), baselines, task.metric, learned, say, warn)
+        if "perplexity" in outcome.test and "pretrained" in scores:
+            say(f"test perplexity {scores['pretrained']['perplexity']:.2f} pretrained -> "
+                f"{outcome.test['perplexity']:.2f} with the structure")
         result = {"trainable_params": space.count(found.best), "head_params": outcome.head_params,
                   "backbone_params": space.backbone_params, "val": outcome.metrics, "test": outcome.test,
                   "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
                   "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
-                  "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {})}
+                  "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {}),
+                  **({"pretrained": scores["pretrained"]} if "pretrained" in scores else {})}
         if budget.memory is not None:
             result["memory_estimate"] = space.memory(found.best, shape)
         structure = space.structure(found.best, budget, name=task.model_name, result=result)

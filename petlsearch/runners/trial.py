@@ -133,18 +133,19 @@ def _save_head(model: Any, graph: ModelGraph, path: Path) -> None:
         save_tensors(path, state)
 
 
-def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, float]:
-    """The test metric of the trivial baselines a found structure must beat, on the same split: the
+def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """The test metrics of the trivial baselines a found structure must beat, on the same split: the
     majority class of the training split, and the new head alone trained as `cfg` says (the same
     steps, seed and head rate; the frozen backbone only runs forward, so it costs a fraction of a
-    run). {} for a task without a new head (causal LM)."""
+    run). A causal LM has no new head: its baseline is the pretrained model as it is (its
+    perplexity is the figure before training)."""
     if not task.new_head:
-        return {}
-    out = {"majority_class": task.majority_score("test")}
-    out["head_only"] = run_trial(task, [], {}, cfg, test=True).test[task.metric]
-    return out
+        seed_everything(cfg.seed)
+        return {"pretrained": evaluate(task.make_model(), task, "test")}
+    return {"majority_class": {task.metric: task.majority_score("test")},
+            "head_only": run_trial(task, [], {}, cfg, test=True).test}
 
 
-def beats(test: dict[str, float], baselines: dict[str, float], metric: str) -> bool:
+def beats(test: dict[str, float], baselines: dict[str, dict[str, float]], metric: str) -> bool:
     """Whether a test result is above every trivial baseline (vacuously True without baselines)."""
-    return all(test.get(metric, float("nan")) > b for b in baselines.values())
+    return all(test.get(metric, float("nan")) > b[metric] for b in baselines.values())

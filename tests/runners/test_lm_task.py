@@ -42,6 +42,27 @@ def test_lm_task_trains_lora_and_reports_perplexity(lm_folder, tmp_path) -> None
     assert set(out.test) >= {"token_accuracy", "perplexity", "loss"}
 
 
+def test_an_lm_search_is_judged_against_the_pretrained_model(lm_folder, tmp_path, caplog) -> None:
+    """A causal LM has no new head: its baseline is the pretrained model as it is, before and after
+    perplexity in the log and in the result."""
+    import logging
+
+    from petlsearch.runners.data import rotten_tomatoes
+    from petlsearch.runners.search import search
+
+    text = tmp_path / "reviews.txt"
+    text.write_text("\n".join(rotten_tomatoes().x_train[:80]))
+    task = get_task(f"lm:{text}", str(lm_folder), max_length=24)
+    with caplog.at_level(logging.INFO):
+        run = search(task=task, budget="2k", strategy="random", plugins=["lora"], trials=2,
+                     fidelity=TrainConfig(steps=2, batch_size=8), final=TrainConfig(steps=30, batch_size=8), seed=0)
+    result = run.structure.result
+    assert set(result["baselines"]) == {"pretrained"} and result["pretrained"]["perplexity"] > 1.0
+    assert result["beats_baselines"] == (result["test"]["token_accuracy"] > result["baselines"]["pretrained"])
+    assert result["test"]["perplexity"] < result["pretrained"]["perplexity"]  # 30 steps on random weights learn
+    assert "baseline: the pretrained model as it is" in caplog.text and "test perplexity" in caplog.text
+
+
 def test_lm_task_errors(tmp_path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("one\ntwo\n")
