@@ -26,7 +26,8 @@ from petlsearch.runners.trainer import (
 )
 from petlsearch.runtime import seed_everything
 from petlsearch.searchspace.graph import ModelGraph
-from petlsearch.searchspace.structure import Applied, Placement, attach, bind
+from petlsearch.searchspace.bound import Applied, attach, bind
+from petlsearch.searchspace.structure import Placement
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

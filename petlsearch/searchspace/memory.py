@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from petlsearch.searchspace.structure import count_bound
+from petlsearch.searchspace.bound import count_bound
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.sites import Site
-    from petlsearch.searchspace.structure import Bound
+    from petlsearch.searchspace.bound import Bound
 
 # Levels inside a block where a placement can sit; a block keeps the activations at and above it.
 BELOW, ATTN_IN, ATTN_V, ATTN_OUT, XATTN_IN, XATTN_OUT, FFN_IN, FFN_OUT = range(-1, 7)

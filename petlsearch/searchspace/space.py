@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from petlsearch.errors import BudgetError, PluginError
 from petlsearch.searchspace.budget import Budget
-from petlsearch.searchspace.structure import Backbone, Bound, Placement, Structure, bind, count_bound
+from petlsearch.searchspace.bound import Bound, bind, count_bound
+from petlsearch.searchspace.structure import Backbone, Placement, Structure
 
 if TYPE_CHECKING:
     from petlsearch.plugins.base import Plugin

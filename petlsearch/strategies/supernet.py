@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from petlsearch.errors import BudgetError, PetlsearchError, PluginError
-from petlsearch.searchspace.structure import Bound, attach
+from petlsearch.searchspace.bound import Bound, attach
 from petlsearch.strategies.arms import SPACE_RATIO, Arm, expand_arms
 from petlsearch.strategies.gates import mean_gates, sample_gates, shift_logits, solve_shift
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from petlsearch.runners.trainer import ParamGroup, TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.recipe import Recipe
-    from petlsearch.searchspace.structure import Applied
+    from petlsearch.searchspace.bound import Applied
     from petlsearch.strategies.base import SearchContext, Training
 
 
@@ -185,7 +185,7 @@ class Supernet:
 
     def _applied(self) -> Applied:
         """The arms as an Applied structure: its parameters, each once, grouped by plugin."""
-        from petlsearch.searchspace.structure import Applied
+        from petlsearch.searchspace.bound import Applied
 
         return Applied([(a.placement, a.module) for a in self.arms])
 

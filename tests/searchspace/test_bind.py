@@ -11,7 +11,8 @@ import torch
 from petlsearch.errors import StructureError
 from petlsearch.plugins import create_plugin
 from petlsearch.searchspace.space import SearchSpace
-from petlsearch.searchspace.structure import Bound, Placement, attach, bind, count_bound
+from petlsearch.searchspace.bound import Bound, attach, bind, count_bound
+from petlsearch.searchspace.structure import Placement
 from petlsearch.testing import frozen_tiny, trainable_numel
 
 
