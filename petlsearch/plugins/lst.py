@@ -21,10 +21,14 @@ encoder's output (through a pruned copy of the encoder's final norm), and only t
 output is up-projected into the backbone. Backward then crosses no backbone layer at all; a side
 encoder alone would send the gradient back through every decoder layer's cross-attention.
 
-Sites: one per stack (`stack_sites`) whose blocks have separate q/k/v projections and no rotary
-embedding (BERT, ViT, CLIP's towers, T5EncoderModel), and one `encoder+decoder` site on a model
-whose decoder cross-attends to an encoder. While it is installed, other placements inside those
-stacks get no gradient. The side decoder runs without a KV cache: generate with use_cache=False.
+Sites: one per stack (`stack_sites`) whose blocks have separate q/k/v projections (BERT, ViT,
+CLIP's towers, T5EncoderModel, Llama), and one `encoder+decoder` site on a model whose decoder
+cross-attends to an encoder. Under grouped-query attention the side blocks keep the backbone's
+q and k / v heads, each cut to head_dim / r on one set of dimensions; under a rotary embedding
+that set is closed under the rotation's pairs and the side blocks read the backbone's cos / sin
+at those dimensions, so a pruned block attends as its backbone block does on them. While it is
+installed, other placements inside those stacks get no gradient. A side decoder (of T5, or of a
+decoder-only model) runs without a KV cache: generate with use_cache=False.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from petlsearch.errors import PluginError
 from petlsearch.plugins.base import Plugin
 from petlsearch.plugins.mechanisms.hooks import CACHE_ARGS, PETLModule, cached_length
 from petlsearch.plugins.parts.pruning import ROLE_DIMS, hidden_units, prune_block, prune_norm
@@ -63,10 +68,13 @@ class StackSpec:
 
 
 def side_widths(site: Site, reduction: int) -> dict[str, int]:
-    """Widths of the side network: hidden / r, FFN / r, the same heads with head_dim / r."""
+    """Widths of the side network: hidden / r, FFN / r, the same heads (q's and k / v's) with
+    head_dim / r (even under a rotary embedding, which rotates dimensions in pairs)."""
     heads, head_dim = site.get("heads"), site.get("inner") // site.get("heads")
+    kv_heads = site.get("kv_inner", site.get("inner")) // head_dim
+    side_head = max(2, head_dim // reduction // 2 * 2) if site.get("rotary") else max(1, head_dim // reduction)
     return {"hidden": max(1, site.in_features // reduction), "ffn": max(1, site.get("ffn") // reduction),
-            "inner": heads * max(1, head_dim // reduction), "head_dim": max(1, head_dim // reduction)}
+            "inner": heads * side_head, "kv_inner": kv_heads * side_head, "head_dim": side_head}
 
 
 def kept_layers(layers: int, every: int) -> list[int]:
@@ -169,7 +177,8 @@ class LadderSide(PETLModule):
         hidden = hidden_units(kept, self.widths["hidden"])
         for spec, blocks, half in zip(self.specs, stacks, self.halves):
             for i in half.kept:
-                side = prune_block(blocks[i], self.widths, hidden).to(device=reference.device, dtype=reference.dtype)
+                side = prune_block(blocks[i], self.widths, hidden, rotary=bool(self.site.get("rotary")))
+                side = side.to(device=reference.device, dtype=reference.dtype)
                 half.blocks.append(side.train(self.training))
             half.select(hidden)
             if spec.norm_path is not None:
@@ -182,8 +191,8 @@ class LadderSide(PETLModule):
             if self.gate_off:
                 return
             if i == 0:
-                if j > 0 and cached_length(kwargs) > 0:
-                    raise NotImplementedError("lst: the side decoder keeps no KV cache; generate with use_cache=False")
+                if (j > 0 or self.site.get("causal")) and cached_length(kwargs) > 0:
+                    raise PluginError("lst: the side decoder keeps no KV cache; generate with use_cache=False")
                 x = args[0] if args else kwargs["hidden_states"]
                 self._state[j] = self.halves[j].down_first(x.detach())
             torch.set_grad_enabled(False)  # the backbone keeps nothing for backward
@@ -223,6 +232,9 @@ class LadderSide(PETLModule):
                 bound.arguments[name] = None
         if "use_cache" in bound.arguments:
             bound.arguments["use_cache"] = False
+        rope = getattr(self.halves[j].blocks[0], "petl_rope_dims", None)
+        if rope is not None and bound.arguments.get("position_embeddings") is not None:
+            bound.arguments["position_embeddings"] = tuple(t[..., rope] for t in bound.arguments["position_embeddings"])
         return bound.args, bound.kwargs
 
 
@@ -233,8 +245,7 @@ def _first(out: Any) -> torch.Tensor:
 def _supported(graph: Any, stack: str) -> bool:
     nodes = [n for n in graph.nodes.values() if n.stack == stack and n.layer is not None]
     linear_roles = {n.role for n in nodes if n.type == "Linear"}
-    return ("attn.q" in linear_roles and linear_roles <= set(ROLE_DIMS)
-            and not any("Rotary" in n.type for n in graph.nodes.values()))
+    return {"attn.q", "attn.k", "attn.v"} <= linear_roles and linear_roles <= set(ROLE_DIMS)
 
 
 def _stack_spec(graph: Any, site: Site, feeds_decoder: bool) -> StackSpec:
@@ -265,6 +276,7 @@ class LadderSideTuning(Plugin):
     def sites(self, graph: Any) -> list[Site]:
         stacks = {s.stack: s for s in stack_sites(graph, "side") if _supported(graph, s.stack)}
         decoders = {n.stack for n in graph.nodes.values() if n.role == "xattn.q"}
+        rotary = any("Rotary" in n.type for n in graph.nodes.values())  # cos / sin passed to every block
         sites = []
         for stack, site in stacks.items():
             if stack in decoders:  # one side network for both: the side decoder reads the side encoder
@@ -277,11 +289,12 @@ class LadderSideTuning(Plugin):
                 continue  # its half belongs to the encoder+decoder site
             else:
                 specs = (_stack_spec(graph, site, False),)
-            q = graph.find(role="attn.q", stack=stack)[0]
+            q, k = graph.find(role="attn.q", stack=stack)[0], graph.find(role="attn.k", stack=stack)[0]
             up = graph.find(role=("ffn.up", "ffn.gate"), stack=stack)[0]
             sites.append(site.with_extra(heads=graph.num_heads(stack) or 1, inner=q.out_features,
-                                         ffn=up.out_features, stacks=specs,
-                                         layers=max(spec.layers for spec in specs)))
+                                         kv_inner=k.out_features, ffn=up.out_features, stacks=specs,
+                                         layers=max(spec.layers for spec in specs), rotary=rotary,
+                                         causal=stack == "decoder" and not decoders))
         return sites
 
     def dims(self, site: Site) -> dict[str, Dim]:

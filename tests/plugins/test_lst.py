@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
+from petlsearch.errors import PluginError
 from petlsearch.plugins import _tiny as tiny
 from petlsearch.plugins import create_plugin
 from petlsearch.plugins.lst import TEMPERATURE, LadderSideTuning, kept_layers, side_widths
@@ -27,7 +28,7 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
 def test_sites_per_stack() -> None:
     plugin = LadderSideTuning()
     for family, names in (("bert", ["encoder"]), ("t5", ["encoder+decoder"]), ("vit", ["vision"]),
-                          ("clip", ["text", "vision"]), ("gpt2", []), ("llama", [])):
+                          ("clip", ["text", "vision"]), ("gpt2", []), ("llama", ["decoder"])):  # GPT-2: a fused qkv
         graph = ModelGraph.from_model(tiny.FAMILIES[family]())
         assert [s.name for s in plugin.sites(graph)] == names, family
 
@@ -173,7 +174,7 @@ def test_t5_generation_needs_no_cache() -> None:
     plugin.attach(model, plugin.sites(ModelGraph.from_model(model))[0], {"reduction": 4, "keep_every": 2})
     ids = _t5_batch()["input_ids"][:2]
     assert model.generate(ids, max_new_tokens=3, use_cache=False).shape == (2, 4)
-    with pytest.raises(NotImplementedError, match="use_cache=False"):
+    with pytest.raises(PluginError, match="use_cache=False"):
         model.generate(ids, max_new_tokens=3)
 
 
@@ -203,3 +204,63 @@ def test_training_memory_well_below_lora_and_full_finetuning_on_t5() -> None:
     assert lst_mem.activations < 0.65 * lora_mem.activations < full.activations
     assert lst_mem.total < 0.7 * lora_mem.total < full.total
     assert lst_mem.total < 0.4 * full.total
+
+
+def _gqa_llama() -> torch.nn.Module:
+    """A tiny Llama with grouped-query attention (4 q heads, 2 k / v heads of 16) and RoPE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_a_pruned_rotary_block_keeps_pairs_and_rotates_as_its_backbone_block() -> None:
+    """Under RoPE the side block keeps one set of head dimensions closed under the rotation's pairs
+    (i, i + d/2) for every q and k / v head; rotating the pruned q with the cos / sin cut to those
+    dimensions gives the backbone's rotated q cut to them."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = _gqa_llama()
+    site = LadderSideTuning().sites(ModelGraph.from_model(model))[0]
+    assert site.get("rotary") and site.get("causal") and (site.get("inner"), site.get("kv_inner")) == (64, 32)
+    widths = side_widths(site, 4)
+    assert widths == {"hidden": 16, "ffn": 32, "inner": 16, "kv_inner": 8, "head_dim": 4}
+    side = prune_block(model.model.layers[0], widths, rotary=True)
+    dims = side.petl_rope_dims
+    assert len(dims) == 4 and set((dims[:2] + 8).tolist()) == set(dims[2:].tolist())  # pairs of a 16-wide head
+    attn = side.self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (16, 8, 8)
+    assert attn.head_dim == 4 and attn.o_proj.in_features == 16
+    q = torch.randn(1, 4, 5, 16)
+    cos, sin = model.model.rotary_emb(q, torch.arange(5)[None])
+    full, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    cut, _ = apply_rotary_pos_emb(q[..., dims], q[..., dims], cos[..., dims], sin[..., dims])
+    torch.testing.assert_close(cut, full[..., dims])
+
+
+def test_lst_trains_beside_a_gqa_rotary_decoder_and_refuses_cached_decoding() -> None:
+    model = _gqa_llama()
+    plugin = LadderSideTuning()
+    site = plugin.sites(ModelGraph.from_model(model))[0]
+    ids = torch.randint(0, 100, (2, 7))
+    base = model(input_ids=ids).logits
+    side = plugin.attach(model, site, {"reduction": 4, "keep_every": 1})
+    torch.testing.assert_close(model(input_ids=ids).logits, base)  # the up-projection starts at zero
+    assert plugin.count(site, {"reduction": 4, "keep_every": 1}) == side.trainable_count()
+    torch.nn.init.normal_(side.up.weight, std=0.1)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for p in side.parameters())
+    assert all(p.grad is None for p in model.model.parameters() if not p.requires_grad)
+    # causal: the side network at position t reads nothing after t
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % 100
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=changed).logits[:, :-1], model(input_ids=ids).logits[:, :-1])
+    assert model.generate(ids[:1], max_new_tokens=3, use_cache=False, do_sample=False).shape == (1, 10)
+    with pytest.raises(PluginError, match="use_cache=False"):
+        model.generate(ids[:1], max_new_tokens=3, do_sample=False)

@@ -17,11 +17,12 @@ from petlsearch.plugins.mechanisms.lean_attention import use_lean_attention
 from petlsearch.searchspace.roles import block_role
 
 # (output dimension, input dimension) of each role, in terms of the widths that shrink
+# (k and v have fewer heads than q under grouped-query attention: "kv_inner")
 ROLE_DIMS: dict[str, tuple[str, str | None]] = {
-    "attn.q": ("inner", "hidden"), "attn.k": ("inner", "hidden"), "attn.v": ("inner", "hidden"),
+    "attn.q": ("inner", "hidden"), "attn.k": ("kv_inner", "hidden"), "attn.v": ("kv_inner", "hidden"),
     "attn.o": ("hidden", "inner"), "ffn.up": ("ffn", "hidden"), "ffn.gate": ("ffn", "hidden"),
     "ffn.down": ("hidden", "ffn"), "norm": ("hidden", None),
-    "xattn.q": ("inner", "hidden"), "xattn.k": ("inner", "hidden"), "xattn.v": ("inner", "hidden"),
+    "xattn.q": ("inner", "hidden"), "xattn.k": ("kv_inner", "hidden"), "xattn.v": ("kv_inner", "hidden"),
     "xattn.o": ("hidden", "inner"),
 }
 
@@ -47,12 +48,33 @@ def _top(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score, k).indices.sort().values
 
 
-def _keep(score: dict[str, torch.Tensor], widths: dict[str, int], heads: int) -> dict[str, torch.Tensor]:
-    """Indices kept per dimension; the attention keeps every head, each cut to head_dim / r."""
+def _keep(score: dict[str, torch.Tensor], widths: dict[str, int], heads: int, kv_heads: int,
+          rotary: bool) -> dict[str, torch.Tensor]:
+    """Indices kept per dimension; the attention keeps every head, each cut to head_dim / r. With
+    as many k / v heads as q heads and no rotary embedding each head keeps its own largest
+    dimensions (q, k, v and o of a head agree); otherwise every head keeps one set, so that a q
+    head meets its shared k / v head on the same dimensions, and under a rotary embedding that set
+    is closed under its pairs (i, i + head_dim / 2), whose cos / sin the side block then reads."""
     inner = score["inner"].view(heads, -1)
-    per_head = [h * inner.shape[1] + _top(inner[h], widths["head_dim"]) for h in range(heads)]
+    kv = score["kv_inner"].view(kv_heads, -1)
+    head_dim, keep = inner.shape[1], widths["head_dim"]
+    if kv_heads == heads and not rotary:
+        both = inner + kv
+        per_head = [h * head_dim + _top(both[h], keep) for h in range(heads)]
+        dims = None
+        inner_idx = kv_idx = torch.cat(per_head)
+    else:
+        per_dim = inner.sum(0) + kv.sum(0)
+        if rotary:
+            half = head_dim // 2
+            pairs = _top(per_dim[:half] + per_dim[half:], keep // 2)
+            dims = torch.cat([pairs, pairs + half])
+        else:
+            dims = _top(per_dim, keep)
+        inner_idx = torch.cat([h * head_dim + dims for h in range(heads)])
+        kv_idx = torch.cat([h * head_dim + dims for h in range(kv_heads)])
     return {"hidden": _top(score["hidden"], widths["hidden"]), "ffn": _top(score["ffn"], widths["ffn"]),
-            "inner": torch.cat(per_head)}
+            "inner": inner_idx, "kv_inner": kv_idx, "rope": dims}
 
 
 def _parts(block: nn.Module) -> tuple[dict[str, list[nn.Module]], list[nn.Module]]:
@@ -79,16 +101,21 @@ def hidden_units(blocks: list[nn.Module], width: int) -> torch.Tensor:
     return _top(sum(_importance(*_parts(b))["hidden"] for b in blocks), width)
 
 
-def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor | None = None) -> nn.Module:
+def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor | None = None,
+                rotary: bool = False) -> nn.Module:
     """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning);
-    `hidden` fixes which residual-stream units it keeps (default: the block's own largest)."""
+    `hidden` fixes which residual-stream units it keeps (default: the block's own largest). Under
+    a rotary embedding (`rotary`) the copy keeps the head dimensions `petl_rope_dims` (a buffer),
+    at which the caller cuts the cos / sin it passes."""
     side = copy.deepcopy(block)
     _strip(side)
     use_lean_attention(side)  # a side copy runs the lean attention, on its own config copy: the backbone keeps its own
     linears, norms = _parts(side)
-    old = {"hidden": linears["attn.q"][0].in_features, "inner": linears["attn.q"][0].out_features}
-    heads = old["inner"] // _head_dim(side, old["inner"])
-    keep = _keep(_importance(linears, norms), widths, heads)
+    q, k = linears["attn.q"][0], linears["attn.k"][0]
+    old = {"hidden": q.in_features, "inner": q.out_features, "kv_inner": k.out_features}
+    head_dim = _head_dim(side, old["inner"])
+    heads, kv_heads = old["inner"] // head_dim, old["kv_inner"] // head_dim
+    keep = _keep(_importance(linears, norms), widths, heads, kv_heads, rotary)
     if hidden is not None:
         keep["hidden"] = hidden
     for role, modules in linears.items():
@@ -98,6 +125,8 @@ def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor |
     for m in norms:
         _slice(m, keep["hidden"], None)
     _fix_sizes(side, old, widths, heads)
+    if rotary:
+        side.register_buffer("petl_rope_dims", keep["rope"], persistent=False)
     for p in side.parameters():
         p.requires_grad_(True)
     return side
