@@ -115,3 +115,51 @@ def test_a_sequence_classification_head_on_the_last_token_trains(smollm2) -> Non
                         TrainConfig(steps=2, batch_size=4, device="cpu", max_eval_examples=8))
     assert outcome.params == space.count([c.placement({}) for c in space.candidates]) > 0
     assert outcome.head_params == 576 * 2 and 0.0 <= outcome.score <= 1.0
+
+
+def _digit_features(n: int) -> torch.Tensor:
+    """EfficientNet-Lite0's pooled ImageNet features (1280) of n of scikit-learn's real digit images."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from petlsearch.runners.data import efficientnet_lite0
+
+    try:
+        net = efficientnet_lite0(10).eval()
+    except MissingDependencyError as exc:
+        pytest.skip(str(exc))
+    images = torch.as_tensor(load_digits().images[:n], dtype=torch.float32) / 16.0
+    x = F.interpolate(images[:, None].expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear")
+    with torch.no_grad():
+        return net.extract_features(x).mean((2, 3))
+
+
+def test_magma_image_prefix_and_adapters_on_smollm2_with_real_image_features(smollm2) -> None:
+    """MAGMA on the real decoder with real image features: the prefix changes what the model says
+    about the image, gate 0 removes it, and cached generation gives the uncached tokens."""
+    from petlsearch.plugins.context import use
+
+    base, ids, _ = smollm2
+    model = copy.deepcopy(base)
+    features = _digit_features(1)
+    plugin = create_plugin("magma", image_dim=features.shape[-1])
+    sites = plugin.sites(ModelGraph.from_model(model))
+    prefix = next(s for s in sites if s.kind == "tokens")
+    adapters = [s for s in sites if s.kind == "sequential"]
+    assert len(adapters) == 30
+    modules = [plugin.attach(model, s, plugin.config(s)) for s in (prefix, adapters[0], adapters[-1])]
+    for m in modules:
+        _perturb(m)
+    with torch.no_grad(), use(image_features=features):
+        seen = model(**ids).logits
+        cached = model.generate(**ids, max_new_tokens=5, do_sample=False, use_cache=True)
+        uncached = model.generate(**ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    with torch.no_grad():
+        text_only = model(**ids).logits
+    assert seen.shape[1] == ids["input_ids"].shape[1] + 1  # one prefix position for pooled (B, F) features
+    assert (seen[:, 1:] - text_only).abs().max() > 1e-3  # the image changes what follows
+    assert torch.equal(cached, uncached)
+    for m in modules:
+        m.gate = 0.0
+    with torch.no_grad(), use(image_features=features):
+        torch.testing.assert_close(model(**ids).logits, base(**ids).logits, atol=1e-5, rtol=1e-5)
