@@ -24,10 +24,10 @@ from bench.common import RESULTS, Options, Report, Table, Target, environment
 log = logging.getLogger("bench")
 DEFAULT = ("overhead", "scale", "memory", "recipes", "fidelity", "zoo", "horizon", "search", "pruning", "vision")
 # hours on 2 CPU cores, resumed from their run logs across sessions: run by name only (--only mpnet)
-REAL_BACKBONES = ("mpnet",)
+REAL_BACKBONES = ("mpnet", "smollm2")
 BENCHMARKS = DEFAULT + REAL_BACKBONES
 CHEAP = ("overhead", "scale", "memory")
-SHARED = ("recipes", "fidelity", "zoo", "horizon", "search", "vision", "mpnet")  # made of independent runs kept in a run log: --jobs 2 splits them
+SHARED = ("recipes", "fidelity", "zoo", "horizon", "search", "vision", "mpnet", "smollm2")  # made of independent runs kept in a run log: --jobs 2 splits them
 SUITE_LIMIT_MIN = 120  # every benchmark in full mode, end to end, on 2 CPU cores (issue 12)
 
 

@@ -96,9 +96,10 @@ def plugin_sites(plugin: Plugin, graph: ModelGraph, roles: Sequence[str] | None 
 
 def apply_plugin(model: nn.Module, name: str, batches: Iterable[dict[str, Any]] | None = None,
                  roles: Sequence[str] | None = None, config: dict[str, Any] | None = None,
-                 graph: ModelGraph | None = None, **plugin_kwargs: Any) -> Prepared:
+                 graph: ModelGraph | None = None, new_head: bool = True, **plugin_kwargs: Any) -> Prepared:
     """`name` at every site (of `roles`) with its default config (updated by `config`). Pass the
-    `graph` of the bare model when another method is already attached."""
+    `graph` of the bare model when another method is already attached; `new_head=False` for a
+    causal LM, whose pretrained output layer stays frozen."""
     freeze_backbone(model)
     graph = graph or ModelGraph.from_model(model)
     plugin = create_plugin(name, **plugin_kwargs)
@@ -116,15 +117,17 @@ def apply_plugin(model: nn.Module, name: str, batches: Iterable[dict[str, Any]] 
         params.extend(p for p in module.parameters() if p.requires_grad)
         placements.append((plugin, site, cfg))
         modules.append(module)
-    return Prepared(name, model, params, _head(model, graph), placements, modules, plugin.recipe)
+    return Prepared(name, model, params, _head(model, graph) if new_head else [], placements, modules, plugin.recipe)
 
 
-def full_finetuning(model: nn.Module) -> Prepared:
+def full_finetuning(model: nn.Module, new_head: bool = True) -> Prepared:
+    """Every parameter at the fine-tuning rate, a new head at the head rate (a causal LM's output
+    layer, often the embeddings themselves, is no new head: `new_head=False`)."""
     graph = ModelGraph.from_model(model)
     for p in model.parameters():
         p.requires_grad_(True)
-    return Prepared("full fine-tuning", model, list(model.parameters()), head_parameters(model, graph),
-                    recipe=FULL_FINETUNING)
+    return Prepared("full fine-tuning", model, list(model.parameters()),
+                    head_parameters(model, graph) if new_head else [], recipe=FULL_FINETUNING)
 
 
 def head_only(model: nn.Module) -> Prepared:

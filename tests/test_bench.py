@@ -101,6 +101,15 @@ def test_mpnet_quick(tmp_path: Path) -> None:
     assert [t.name.split()[0] for t in report.targets] == ["lst", "vqt", "LST's"]
 
 
+def test_smollm2_quick(tmp_path: Path) -> None:
+    report = run_one("smollm2", Options(quick=True, out=tmp_path))
+    _check_written(report, tmp_path)
+    rows = _rows(report.tables[0])
+    assert {"pretrained (no training)", "full fine-tuning", "LoRA q,v", "LST", "search 0.1% (s3pet)"} <= set(rows)
+    assert rows["pretrained (no training)"]["trainable"] == 0 < rows["LoRA q,v"]["trainable"] < rows["LoRA"]["trainable"]
+    assert all(r["test perplexity"] > 1.0 for r in rows.values())
+
+
 def test_recipes_quick(tmp_path: Path) -> None:
     report = run_one("recipes", Options(quick=True, out=tmp_path))
     _check_written(report, tmp_path)
@@ -233,7 +242,7 @@ def test_cli_options(tmp_path: Path) -> None:
     opts, names = parse(["--quick", "--only", "cheap,zoo", "--out", str(tmp_path), "--steps", "5"])
     assert names == ["overhead", "scale", "memory", "zoo"] and opts.quick and opts.steps == 5
     assert parse([])[1] == list(DEFAULT)  # the real backbones' hours-long runs only by name
-    assert parse(["--only", "mpnet"])[1] == ["mpnet"] and set(BENCHMARKS) == {*DEFAULT, "mpnet"}
+    assert parse(["--only", "mpnet"])[1] == ["mpnet"] and set(BENCHMARKS) == {*DEFAULT, "mpnet", "smollm2"}
     with pytest.raises(SystemExit):
         parse(["--only", "nonsense"])
     # the summary gathers every report in the folder: one written earlier, one now
