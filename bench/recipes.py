@@ -25,8 +25,8 @@ SMALL = (3e-3, 1e-2, 3e-2)  # few parameters, each moving little: Compacter, KAd
 TINY = (1e-2, 3e-2)  # a few thousand vectors' entries: BitFit, IA3, LayerNorm gains (3e-3 did not learn)
 PROMPTS = (1e-1, 3e-1)  # soft prompts (Lester et al. train them at 0.3; 3e-2 stayed at the majority class)
 SWEEP: dict[str, tuple[float, ...]] = {
-    "bitfit": TINY, "ia3": TINY, "ln_tuning": TINY, "compacter_pp": TINY,
-    "compacter": SMALL, "kadaptation": SMALL, "sparse_adapter": SMALL,
+    "bitfit": TINY, "ia3": TINY, "ln_tuning": TINY, "compacter_pp": (3e-3, *TINY),
+    "compacter": (1e-3, *SMALL), "kadaptation": SMALL, "sparse_adapter": SMALL,  # Compacter's best was the lowest
     "prompt_tuning": PROMPTS, "vpt": PROMPTS, "attempt": PROMPTS,
     "hyperprompt": (3e-4, 1e-3, 3e-3), "prefix_tuning": (3e-4, 3e-3),
     "mam_adapter": (1e-4, 3e-4), "unified": (1e-4, 3e-4),
