@@ -13,29 +13,20 @@ import copy
 import pytest
 import torch
 
-from petlsearch.errors import MissingDependencyError
 from petlsearch.plugins import create_plugin, list_plugins
 from petlsearch.plugins.checks import _perturb, _run, _spread
 from petlsearch.searchspace.graph import ModelGraph
+from tests.helpers import named_model_or_skip
 
 pytestmark = pytest.mark.slow
 SNIPPETS = ["a gorgeous, witty, seductive movie.", "the plot is nothing but boilerplate cliches."]
-
-
-def _folder(key: str):
-    from petlsearch.runners.named_models import model_folder
-
-    try:
-        return model_folder(key)
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture(scope="module")
 def mpnet():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    folder = _folder("mpnet")
+    folder = named_model_or_skip("mpnet")
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
     inputs = dict(AutoTokenizer.from_pretrained(folder)(SNIPPETS, padding=True, return_tensors="pt"))
@@ -46,7 +37,7 @@ def mpnet():
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _folder("smollm2")
+    folder = named_model_or_skip("smollm2")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = AutoTokenizer.from_pretrained(folder)(SNIPPETS[:1], return_tensors="pt")
     inputs = dict(ids)

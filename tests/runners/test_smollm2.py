@@ -14,6 +14,7 @@ from petlsearch.errors import MissingDependencyError, PluginError
 from petlsearch.plugins import create_plugin, list_plugins
 from petlsearch.plugins.checks import _perturb, _spread
 from petlsearch.searchspace.graph import ModelGraph
+from tests.helpers import named_model_or_skip
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
@@ -22,20 +23,11 @@ NO_CACHE = {"prompt_tuning": "do not support decoding with a non-empty KV cache"
             "vpt": "do not support decoding", "lst": "keeps no KV cache"}
 
 
-def _folder(key: str):
-    from petlsearch.runners.named_models import model_folder
-
-    try:
-        return model_folder(key)
-    except MissingDependencyError as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _folder("smollm2")
+    folder = named_model_or_skip("smollm2")
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     for p in model.parameters():
         p.requires_grad_(False)
