@@ -73,6 +73,9 @@ def run(opts: Options) -> Report:
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     backbone = ModelGraph.from_model(task.make_model()).num_parameters()
     methods = method_table(opts.quick)
+    # one step each, a minute: before the hours of training, so that a stopped run has it
+    memory = journal.run(RunLog.key(kind="memory", model=task.model_name, shape=MEMORY_SHAPE, quick=opts.quick),
+                         lambda: lean_memory(task, opts.quick))
     work = []
     first = [label for label in methods if label in TARGET_ROWS]
     rest = [label for label in methods if label not in TARGET_ROWS]
@@ -89,8 +92,6 @@ def run(opts: Options) -> Report:
     if opts.helper:
         return report
     runs = {label: runs[label] for label in methods if label in runs}
-    memory = journal.run(RunLog.key(kind="memory", model=task.model_name, shape=MEMORY_SHAPE, quick=opts.quick),
-                         lambda: lean_memory(task, opts.quick))
     report.tables.append(summarise(runs, backbone, task, steps, seeds))
     report.tables.append(memory_table(memory))
     report.targets += targets(runs, memory)
