@@ -8,8 +8,12 @@ Rotten Tomatoes, trained and evaluated as the zoo trains them (batch 16, AdamW, 
 targets read (and head only, the baseline) run first, seed by seed, then the others, so that a
 run stopped part way has the targets' figures first; finished runs are kept in results/raw/mpnet-runs.jsonl and an interrupted run resumes. On 2 CPU
 cores a step of full fine-tuning takes about 11 s on one thread (LoRA 7 s, the head alone 3 s).
-Then LST's and LoRA's training memory at batch 16 x 128 tokens against full fine-tuning's
-(petlsearch.searchspace.measure.measure, one step on real snippets padded to 128 tokens).
+Beside them, S3PET at 0.01% and 0.1% over the search benchmark's default space and fidelity
+(`bench.search`: a supernet of 5 x 20 steps, its structure retrained for 100 steps), against the
+best hand-made design that fits each budget (picked on seed 0's validation) and full fine-tuning,
+3 seeds each. And LST's and LoRA's training memory at batch 16 x 128 tokens against full
+fine-tuning's (petlsearch.searchspace.measure.measure, one step on real snippets padded to 128
+tokens), measured first.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ MEMORY_SHAPE = (16, 128)  # the LST paper's Table 1 setting
 PLUGINS = ("lora", "adapter", "bitfit", "ia3", "lst", "prompt_tuning", "vqt")
 SIZE_MATCHED = {"lst": "lora", "vqt": "lora q,v r1"}  # as the zoo: LST at LoRA's default size, VQT at rank 1 q,v
 TARGET_ROWS = (FULL, HEAD_ONLY, "lora", "lst", "lora q,v r1", "vqt")  # what the targets and the baseline read
+BUDGETS = ("0.01%", "0.1%")
+FULL_SHARE = {"0.01%": 97.0, "0.1%": 99.0}  # S3PET's test accuracy, % of full fine-tuning's (issue 21)
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,7 +70,6 @@ def method_table(quick: bool) -> dict[str, Callable[[Any, Any], M.Prepared]]:
 
 
 def run(opts: Options) -> Report:
-    from petlsearch.runners.trainer import TrainConfig
     from petlsearch.searchspace.graph import ModelGraph
 
     report = Report(NAME, TITLE, __doc__.split("\n", 1)[1].strip(), opts.quick)
@@ -73,32 +78,127 @@ def run(opts: Options) -> Report:
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     backbone = ModelGraph.from_model(task.make_model()).num_parameters()
     methods = method_table(opts.quick)
+    budgets = opts.pick(["0.1%"], list(BUDGETS))
     # one step each, a minute: before the hours of training, so that a stopped run has it
     memory = journal.run(RunLog.key(kind="memory", model=task.model_name, shape=MEMORY_SHAPE, quick=opts.quick),
                          lambda: lean_memory(task, opts.quick))
-    work = []
+    zoo = functools.partial(zoo_work, task, methods, steps)
+    search = functools.partial(search_work, task, opts.quick)
+    # seed 0 of what the targets read, then their other seeds (the hand-made design picked on seed 0's
+    # validation), then the other rows: a run stopped part way has the targets' figures first
     first = [label for label in methods if label in TARGET_ROWS]
-    rest = [label for label in methods if label not in TARGET_ROWS]
-    # the rows the targets read, seed by seed, then the others seed by seed
-    for label, seed in [(lb, sd) for group in (first, rest) for sd in range(seeds) for lb in group]:
-        cfg = TrainConfig(steps=steps, batch_size=16, seed=seed, device="cpu", max_eval_examples=EVAL_EXAMPLES)
-        key = RunLog.key(method=label, task=task.name, model=task.model_name, recipe=recipe_of(label), **cfg.to_dict())
-        work.append((label, key, functools.partial(train_method, task, methods[label], cfg, with_memory=False)))
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for label, key, compute in reversed(work) if opts.reverse else work:
-        row = journal.run(key, compute)
-        log.info("mpnet: %s: %s", label, row)
-        runs.setdefault(label, []).append(row)
+    phase_a = [*zoo(first, [0]), *(w for b in budgets for w in search(b, [0])),
+               *(w for b in budgets for w in hand_made(task, opts.quick, b, None, 0))]
+    done = dict(zip((label for label, _, _ in phase_a), journal.run_all([w[1:] for w in phase_a], opts.reverse)))
+    picked = {b: max((v for k, v in done.items() if k.startswith(f"hand-made {b}")), key=lambda r: r["val"],
+                     default=None) for b in budgets}
+    later = range(1, seeds)
+    phase_b = [*zoo(first, later), *(w for b in budgets for w in search(b, later)),
+               *(w for b, p in picked.items() if p is not None for sd in later
+                 for w in hand_made(task, opts.quick, b, p["design"], sd))]
+    phase_c = zoo([label for label in methods if label not in TARGET_ROWS], range(seeds))
+    values = [*done.values(), *journal.run_all([w[1:] for w in phase_b + phase_c], opts.reverse)]
     if opts.helper:
         return report
-    runs = {label: runs[label] for label in methods if label in runs}
+    labelled = list(zip((w[0] for w in [*phase_a, *phase_b, *phase_c]), values))
+    runs = {label: [v for k, v in labelled if k == label] for label in methods}
+    runs = {k: v for k, v in runs.items() if v}
+    searches = {b: [v for k, v in labelled if k == f"s3pet {b}"] for b in budgets}
+    designs = {b: [v for k, v in labelled if k == f"hand-made {b} {p['design']}"] if p else [] for b, p in picked.items()}
     report.tables.append(summarise(runs, backbone, task, steps, seeds))
+    report.tables.append(search_table(searches, designs, runs.get(FULL, [])))
     report.tables.append(memory_table(memory))
-    report.targets += targets(runs, memory)
-    report.data = {"runs": runs, "memory": memory, "backbone_params": backbone, "steps": steps, "seeds": seeds}
+    report.targets += targets(runs, memory) + search_targets(searches, designs, runs.get(FULL, []))
+    report.data = {"runs": runs, "searches": searches, "hand_made": designs, "memory": memory,
+                   "backbone_params": backbone, "steps": steps, "seeds": seeds}
     if opts.quick:
         report.notes.append("Quick mode: a tiny random BERT on 128 snippets, a few steps: accuracies are chance-level.")
     return report
+
+
+def zoo_work(task: Any, methods: dict[str, Any], steps: int, labels: list[str],
+             seeds: Any) -> list[tuple[str, str, Any]]:
+    """(label, run-log key, compute) of each zoo row of `labels` at each seed, seed by seed."""
+    from petlsearch.runners.trainer import TrainConfig
+
+    out = []
+    for seed in seeds:
+        for label in labels:
+            cfg = TrainConfig(steps=steps, batch_size=16, seed=seed, device="cpu", max_eval_examples=EVAL_EXAMPLES)
+            key = RunLog.key(method=label, task=task.name, model=task.model_name, recipe=recipe_of(label),
+                             **cfg.to_dict())
+            out.append((label, key, functools.partial(train_method, task, methods[label], cfg, with_memory=False)))
+    return out
+
+
+def search_work(task: Any, quick: bool, budget: str, seeds: Any) -> list[tuple[str, str, Any]]:
+    """S3PET over the search benchmark's default space at its fidelity (bench.search): a supernet of
+    (trials - 1) x 20 steps, its structure retrained for the zoo's 100 steps at batch 16."""
+    from bench.search import PLUGINS, fidelities, one_search, recipes, strategy_defaults
+
+    fidelity, final = fidelities(quick)
+    trials = 2 if quick else 6
+    return [(f"s3pet {budget}", RunLog.key(search="s3pet", model=task.model_name, budget=budget, trials=trials, seed=seed,
+                                           plugins=PLUGINS, fidelity=fidelity.to_dict(), final=final.to_dict(),
+                                           recipes=recipes(), **strategy_defaults("s3pet")),
+             functools.partial(one_search, task, budget, "s3pet", trials, fidelity, final, seed)) for seed in seeds]
+
+
+def hand_made(task: Any, quick: bool, budget: str, design: str | None, seed: int) -> list[tuple[str, str, Any]]:
+    """The search benchmark's hand-made designs that fit `budget` (only `design`, when given)."""
+    from bench.search import HAND_MADE, PLUGINS, fidelities, hand_made_work
+    from petlsearch.plugins import create_plugins
+    from petlsearch.searchspace.graph import ModelGraph
+    from petlsearch.searchspace.space import SearchSpace
+
+    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(PLUGINS))
+    chosen = [d for d in HAND_MADE if design is None or d[0] == design]
+    final = fidelities(quick)[1]
+    work = hand_made_work(task, space, budget, final, chosen, seed)
+    fitting = [d[0] for d in chosen if _fits(space, budget, d)]
+    return [(f"hand-made {budget} {label}", key, compute) for label, (key, compute) in zip(fitting, work)]
+
+
+def _fits(space: Any, budget: str, design: tuple[str, str, Any]) -> bool:
+    from bench.search import fit_design
+    from petlsearch.searchspace.budget import Budget
+
+    return fit_design(space, design[1], design[2], space.bind(Budget.parse(budget)).limit) is not None
+
+
+def search_table(searches: dict[str, list[dict[str, Any]]], designs: dict[str, list[dict[str, Any]]],
+                 full: list[dict[str, Any]]) -> Table:
+    table = Table("S3PET against the best hand-made design (picked on seed 0's validation) and full fine-tuning, "
+                  "100 steps each", ["budget", "method", "seeds", "trainable", "test acc", "+- (std)", "/ full FT"])
+    full_acc = statistics.fmean(r["test"] for r in full) if full else float("nan")
+    for budget, rs in searches.items():
+        hand = designs.get(budget) or []
+        for label, group in (("s3pet", rs), (f"best hand-made ({hand[0]['design']})" if hand else "", hand)):
+            if group:
+                accs = [r["test"] for r in group]
+                table.add(budget, label, len(group), round(statistics.fmean(r["params"] for r in group)),
+                          statistics.fmean(accs), std(accs), statistics.fmean(accs) / full_acc)
+    return table
+
+
+def search_targets(searches: dict[str, list[dict[str, Any]]], designs: dict[str, list[dict[str, Any]]],
+                   full: list[dict[str, Any]]) -> list[Target]:
+    """S3PET >= 99% (0.1%) and 97% (0.01%) of full fine-tuning, and >= the best hand-made design."""
+    if not full:
+        return []
+    full_acc = statistics.fmean(r["test"] for r in full)
+    out = []
+    for budget, rs in searches.items():
+        if not rs:
+            continue
+        acc = statistics.fmean(r["test"] for r in rs)
+        out.append(Target(f"s3pet at {budget} ({len(rs)} seed(s)) / full fine-tuning ({len(full)}), test accuracy",
+                          100 * acc / full_acc, FULL_SHARE[budget], ">=", "%"))
+        if designs.get(budget):
+            hand = statistics.fmean(r["test"] for r in designs[budget])
+            out.append(Target(f"s3pet - best hand-made ({designs[budget][0]['design']}) test accuracy at {budget}, "
+                              "points", 100 * (acc - hand), 0.0, ">="))
+    return out
 
 
 def padded_batch(task: Any, batch: int, seq: int) -> dict[str, Any]:

@@ -96,9 +96,13 @@ def test_mpnet_quick(tmp_path: Path) -> None:
     rows = _rows(report.tables[0])
     assert set(rows) == {"full fine-tuning", "head only", "lora", "lst"}
     assert rows["head only"]["trainable"] == 0 < rows["lst"]["trainable"]
-    memory = _rows(report.tables[1])
+    search = _rows(report.tables[1])  # keyed by method
+    assert "s3pet" in search and any(k.startswith("best hand-made") for k in search)
+    assert 0 < search["s3pet"]["trainable"] and report.data["searches"]["0.1%"][0]["strategy"] == "s3pet"
+    memory = _rows(report.tables[2])
     assert memory["full fine-tuning"]["/ full FT"] == 1.0 and 0 < memory["lst"]["/ full FT"] < 1.0
-    assert [t.name.split()[0] for t in report.targets] == ["lst", "vqt", "LST's"]
+    names = [t.name.split()[0] for t in report.targets]
+    assert names[:3] == ["lst", "vqt", "LST's"] and names[3:] == ["s3pet", "s3pet"]
 
 
 def test_smollm2_quick(tmp_path: Path) -> None:
