@@ -153,3 +153,29 @@ def test_with_prompt_tuning_on_one_stack_and_deepcopy() -> None:
     prompt.uninstall()
     mods[1].uninstall()
     assert not hasattr(model.bert, "_petl_token_slots") and not model.bert._forward_pre_hooks
+
+
+def test_layer_tokens_beside_a_relative_position_bias_computed_once() -> None:
+    """MPNet's encoder computes its relative position bias once, at the input's length, for every
+    layer: tokens inserted at a later layer get bias 0 (no position relative to the text), and the
+    padded row still equals the unpadded one."""
+    from transformers import MPNetConfig, MPNetForSequenceClassification
+
+    torch.manual_seed(0)
+    model = MPNetForSequenceClassification(MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=64)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    mods = _attach(model, {1: 3})
+    with torch.no_grad():
+        mods[1].prompt.normal_(std=3.0)  # trained tokens: a random tiny model barely reads small ones
+    inputs = tiny.inputs("bert")
+    inputs.pop("token_type_ids", None)
+    keep = int(inputs["attention_mask"][0].sum())
+    with torch.no_grad():
+        padded = model(**inputs).logits[:1]
+        single = model(input_ids=inputs["input_ids"][:1, :keep], attention_mask=inputs["attention_mask"][:1, :keep]).logits
+        mods[1].gate = 0.0
+        off = model(**inputs).logits[:1]
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(padded, off, atol=1e-5)

@@ -71,15 +71,7 @@ def _check(name: str, backbone: tuple) -> None:
                                msg=lambda m: f"{name} at gate 0 still changes the real model's outputs: {m}")
 
 
-# found by this test, not fixed yet (issue 21): strict, so a fix shows up as a failure to remove them
-MPNET_KNOWN = {
-    "vpt": "tokens inserted at a layer's input meet the relative position bias MPNetEncoder computed once at the "
-           "input's length (23 against 13 positions)",
-}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=MPNET_KNOWN[n], strict=True))
-                                  if n in MPNET_KNOWN else n for n in list_plugins()])
+@pytest.mark.parametrize("name", list_plugins())
 def test_every_plugin_on_the_real_mpnet(name: str, mpnet) -> None:
     _check(name, mpnet)
 

@@ -263,9 +263,12 @@ class TokenSlots:
             h = self._place(h, m)
         a[name] = h
         base = self.n_in + self.length
-        mask = a.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            a["attention_mask"] = _widen(mask, base, self.n_in + self.cls, self.n_blk)
+        # a 4-d mask, and a relative position bias an encoder computed once at the input's length
+        # (MPNet's; T5's carries the mask too): the tokens get bias 0, no position relative to the text
+        for key in ("attention_mask", "position_bias"):
+            value = a.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() == 4:
+                a[key] = _widen(value, base, self.n_in + self.cls, self.n_blk)
         return a.result()
 
     def _place(self, h: torch.Tensor, m: TokenModule) -> torch.Tensor:
