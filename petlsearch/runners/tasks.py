@@ -155,7 +155,7 @@ def get_task(name: str = DEFAULT_TASK, model: str | None = None, *, text_column:
         splits, modality = D.stratified_splits(images, d.target.astype(np.int64),
                                                tuple(str(i) for i in range(10)), seed), "image"
     elif kind == "lm" and arg:
-        return _lm_task(name, arg, model, text_column, max_length, seed)
+        return _lm_task(name, arg, model, text_column, max_length, seed, limit)
     elif kind == "images" and arg:
         splits, modality = D.image_folder(arg, image_size, seed), "image"
     else:
@@ -215,8 +215,10 @@ def build_model(name: str) -> nn.Module:
         return AutoModel.from_config(config)
 
 
-def _lm_task(name: str, path: str, model: str | None, text_column: str, max_length: int, seed: int) -> Task:
-    """Causal LM on a text file: one example per line (.txt) or per row (CSV / JSONL)."""
+def _lm_task(name: str, path: str, model: str | None, text_column: str, max_length: int, seed: int,
+             limit: int | None = None) -> Task:
+    """Causal LM on a text file: one example per line (.txt) or per row (CSV / JSONL); `limit` keeps
+    the first that many."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,6 +230,7 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
         texts = [t for t in file.read_text(errors="replace").splitlines() if t.strip()]
     else:
         texts = D.text_file(file, text_column, text_column, seed).x_train  # reuse the CSV/JSONL reader
+    texts = texts[:limit] if limit is not None else texts
     if len(texts) < 10:
         raise TaskError(f"{file}: {len(texts)} non-empty texts; a language-modelling task needs at least 10")
     if model is None:
@@ -255,4 +258,4 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
         return enc
 
     return Task(name, "lm", splits, model, lambda: AutoModelForCausalLM.from_pretrained(model), encode,
-                metric="token_accuracy", max_length=max_length)
+                metric="token_accuracy", max_length=max_length, tokenizer=tokenizer)

@@ -122,7 +122,8 @@ def run_trial(task: Task, placements: Sequence[Placement], plugins: dict[str, Pl
     test_metrics = evaluate(model, task, "test") if test else {}
     if weights_path is not None:
         applied.save_weights(weights_path)
-        _save_head(model, graph, Path(weights_path).with_name("head.safetensors"))
+        if task.new_head:  # a causal LM's output layer is the frozen pretrained one (often the embeddings)
+            _save_head(model, graph, Path(weights_path).with_name("head.safetensors"))
     return TrialOutcome(result.val[task.metric], applied.trainable_count(), sum(p.numel() for p in head),
                         result.val, result, test_metrics, time.perf_counter() - start)
 

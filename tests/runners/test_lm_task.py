@@ -38,6 +38,10 @@ def test_lm_task_trains_lora_and_reports_perplexity(lm_folder, tmp_path) -> None
     out = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=4, batch_size=8),
                     test=True)
     assert out.params == 2 * 4 * (32 + 96) and out.head_params == 0  # the LM head stays frozen (tied)
+    saved = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=1, batch_size=8),
+                      weights_path=tmp_path / "weights.safetensors")
+    assert (tmp_path / "weights.safetensors").exists() and not (tmp_path / "head.safetensors").exists()
+    assert saved.params == out.params
     assert 0.0 <= out.score <= 1.0 and out.metrics["perplexity"] > 1.0
     assert set(out.test) >= {"token_accuracy", "perplexity", "loss"}
 
@@ -61,6 +65,22 @@ def test_an_lm_search_is_judged_against_the_pretrained_model(lm_folder, tmp_path
     assert result["beats_baselines"] == (result["test"]["token_accuracy"] > result["baselines"]["pretrained"])
     assert result["test"]["perplexity"] < result["pretrained"]["perplexity"]  # 30 steps on random weights learn
     assert "baseline: the pretrained model as it is" in caplog.text and "test perplexity" in caplog.text
+
+
+def test_limit_and_smoke_mode_cap_an_lm_task(lm_folder, tmp_path, monkeypatch) -> None:
+    from petlsearch.runners.data import rotten_tomatoes
+
+    text = tmp_path / "reviews.txt"
+    text.write_text("\n".join(rotten_tomatoes().x_train[:200]))
+
+    def size(task) -> int:
+        return sum(len(task.splits.split(s)[1]) for s in ("train", "val", "test"))
+
+    lines = [t for t in text.read_text().splitlines() if t.strip()]  # a snippet may hold a line break
+    assert size(get_task(f"lm:{text}", str(lm_folder))) == len(lines) >= 200
+    assert size(get_task(f"lm:{text}", str(lm_folder), limit=40)) == 40
+    monkeypatch.setenv("PETLSEARCH_SMOKE", "1")  # smoke mode's cap reaches LM tasks too
+    assert size(get_task(f"lm:{text}", str(lm_folder))) == 64
 
 
 def test_lm_task_errors(tmp_path) -> None:
