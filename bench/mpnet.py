@@ -87,7 +87,7 @@ def run(opts: Options) -> Report:
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
     graph = ModelGraph.from_model(task.make_model())
     backbone = graph.num_parameters()
-    skipped = without_sites(graph, PLUGINS)  # VQT on MPNet: its attention does not dispatch to AttentionInterface
+    skipped = without_sites(graph, PLUGINS)  # VQT on MPNet: its queries would meet the relative position bias
     methods = method_table(opts.quick, skipped)
     budgets = opts.pick(["0.1%"], list(BUDGETS))
     # one step each, a minute: before the hours of training, so that a stopped run has it
