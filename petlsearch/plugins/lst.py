@@ -56,8 +56,9 @@ TEMPERATURE = 0.1  # mu = sigmoid(alpha / T), as the paper
 @dataclass(frozen=True)
 class StackSpec:
     """One backbone stack a side half runs beside: its block list, the (role, parameter, shape)
-    of each block's parameters, its activation profile, and (for an encoder that feeds a side
-    decoder) its final norm, whose pruned copy normalises the side encoder's output."""
+    of each block's parameters, its activation profile, (for an encoder that feeds a side
+    decoder) its final norm, whose pruned copy normalises the side encoder's output, and the
+    graph's role of each module inside a block (by name or from structure), which pruning reads."""
 
     path: str
     layers: int
@@ -65,6 +66,7 @@ class StackSpec:
     profile: Any = None  # memory.BlockProfile
     norm_path: str | None = None
     norm_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    roles: tuple[tuple[str, str], ...] = ()  # (path inside a block, role), the same in every block
 
 
 def side_widths(site: Site, reduction: int) -> dict[str, int]:
@@ -173,11 +175,12 @@ class LadderSide(PETLModule):
         """Each half's side blocks (pruned copies of its kept backbone blocks, all on one set of
         hidden units), ladders that start as the selection of those units, and final norm."""
         reference = next(self.parameters())
-        kept = [blocks[i] for blocks, half in zip(stacks, self.halves) for i in half.kept]
-        hidden = hidden_units(kept, self.widths["hidden"])
-        for spec, blocks, half in zip(self.specs, stacks, self.halves):
+        roles = [dict(spec.roles) for spec in self.specs]  # the graph's: names or structure
+        kept = [(blocks[i], r) for blocks, half, r in zip(stacks, self.halves, roles) for i in half.kept]
+        hidden = hidden_units([b for b, _ in kept], self.widths["hidden"], [r for _, r in kept])
+        for spec, blocks, half, r in zip(self.specs, stacks, self.halves, roles):
             for i in half.kept:
-                side = prune_block(blocks[i], self.widths, hidden, rotary=bool(self.site.get("rotary")))
+                side = prune_block(blocks[i], self.widths, hidden, rotary=bool(self.site.get("rotary")), roles=r)
                 side = side.to(device=reference.device, dtype=reference.dtype)
                 half.blocks.append(side.train(self.training))
             half.select(hidden)
@@ -259,8 +262,11 @@ def _stack_spec(graph: Any, site: Site, feeds_decoder: bool) -> StackSpec:
     if feeds_decoder:  # the stack's own final norm: a norm outside the blocks, not the embeddings'
         norm = next((n for n in graph.find(role="norm", stack=site.stack)
                      if n.layer is None and "embed" not in n.path.lower()), None)
+    first = next(b for b in graph.blocks if b.stack == site.stack)
+    roles = tuple((n.path[len(first.path) + 1:], n.role) for n in graph.nodes.values()
+                  if n.path.startswith(first.path + ".") and n.role in ROLE_DIMS)
     return StackSpec(site.path, len(params), params, block_profile(graph, site.stack),
-                     norm.path if norm else None, tuple(norm.params.items()) if norm else ())
+                     norm.path if norm else None, tuple(norm.params.items()) if norm else (), roles)
 
 
 class LadderSideTuning(Plugin):

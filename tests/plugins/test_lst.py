@@ -264,3 +264,24 @@ def test_lst_trains_beside_a_gqa_rotary_decoder_and_refuses_cached_decoding() ->
     assert model.generate(ids[:1], max_new_tokens=3, use_cache=False, do_sample=False).shape == (1, 10)
     with pytest.raises(PluginError, match="use_cache=False"):
         model.generate(ids[:1], max_new_tokens=3, do_sample=False)
+
+
+def test_the_side_network_prunes_by_the_graphs_roles_also_when_they_come_from_structure() -> None:
+    """DeBERTa-v2 names q, k, v `query_proj`, `key_proj`, `value_proj`, which no name rule knows:
+    the graph finds them from structure, and LST's pruning reads the graph's roles."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = _frozen(DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64)).eval())
+    graph = ModelGraph.from_model(model)
+    assert graph.node("deberta.encoder.layer.0.attention.self.query_proj").role_from == "structure"
+    plugin = LadderSideTuning()
+    site = plugin.sites(graph)[0]
+    side = plugin.attach(model, site, {"reduction": 4, "keep_every": 1})
+    assert side.blocks[0].attention.self.query_proj.out_features == side_widths(site, 4)["inner"]
+    assert plugin.count(site, {"reduction": 4, "keep_every": 1}) == side.trainable_count()
+    ids = torch.randint(0, 100, (2, 6))
+    model(input_ids=ids, labels=torch.tensor([0, 1])).loss.backward()
+    assert all(p.grad is not None for p in side.parameters())

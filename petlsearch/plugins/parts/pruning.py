@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from petlsearch.plugins.mechanisms.hooks import PETLModule
 from petlsearch.plugins.mechanisms.lean_attention import use_lean_attention
-from petlsearch.searchspace.roles import block_role
+from petlsearch.searchspace.roles import block_role, type_name
 
 # (output dimension, input dimension) of each role, in terms of the widths that shrink
 # (k and v have fewer heads than q under grouped-query attention: "kv_inner")
@@ -77,16 +78,20 @@ def _keep(score: dict[str, torch.Tensor], widths: dict[str, int], heads: int, kv
             "inner": inner_idx, "kv_inner": kv_idx, "rope": dims}
 
 
-def _parts(block: nn.Module) -> tuple[dict[str, list[nn.Module]], list[nn.Module]]:
+def _parts(block: nn.Module, roles: Mapping[str, str] | None = None) -> tuple[dict[str, list[nn.Module]], list[nn.Module]]:
     """A block's linears by role (the roles whose widths shrink) and its norms, not counting
-    other plugins' modules attached inside it."""
+    other plugins' modules attached inside it. `roles` (path inside the block -> role) are the
+    model graph's, names or structure; without them the name rules decide."""
     linears: dict[str, list[nn.Module]] = {}
     norms = []
     attached = tuple(name + "." for name, m in block.named_modules() if isinstance(m, PETLModule))
     for name, m in block.named_modules():
         if isinstance(m, PETLModule) or name.startswith(attached):
             continue
-        role = block_role(name, type(m).__name__) if name else None
+        if roles is not None:
+            role = roles.get(name)
+        else:
+            role = block_role(name, type_name(m)) if name else None
         if role == "norm":
             norms.append(m)
         elif role in ROLE_DIMS:
@@ -94,23 +99,25 @@ def _parts(block: nn.Module) -> tuple[dict[str, list[nn.Module]], list[nn.Module
     return linears, norms
 
 
-def hidden_units(blocks: list[nn.Module], width: int) -> torch.Tensor:
+def hidden_units(blocks: list[nn.Module], width: int, roles: Sequence[Mapping[str, str] | None] | None = None) -> torch.Tensor:
     """The residual-stream units the side network keeps: one set for all its blocks (a pruned
     network's hidden size is one dimension through every layer, and the ladders hand states from
-    block to block), by L1 norm summed over the blocks."""
-    return _top(sum(_importance(*_parts(b))["hidden"] for b in blocks), width)
+    block to block), by L1 norm summed over the blocks (`roles`: each block's, as `prune_block`)."""
+    roles = roles or [None] * len(blocks)
+    return _top(sum(_importance(*_parts(b, r))["hidden"] for b, r in zip(blocks, roles)), width)
 
 
 def prune_block(block: nn.Module, widths: dict[str, int], hidden: torch.Tensor | None = None,
-                rotary: bool = False) -> nn.Module:
+                rotary: bool = False, roles: Mapping[str, str] | None = None) -> nn.Module:
     """A trainable copy of `block` cut to `widths` by weight magnitude (structured pruning);
-    `hidden` fixes which residual-stream units it keeps (default: the block's own largest). Under
-    a rotary embedding (`rotary`) the copy keeps the head dimensions `petl_rope_dims` (a buffer),
+    `hidden` fixes which residual-stream units it keeps (default: the block's own largest);
+    `roles` maps paths inside the block to the graph's roles (default: the name rules). Under a
+    rotary embedding (`rotary`) the copy keeps the head dimensions `petl_rope_dims` (a buffer),
     at which the caller cuts the cos / sin it passes."""
     side = copy.deepcopy(block)
     _strip(side)
     use_lean_attention(side)  # a side copy runs the lean attention, on its own config copy: the backbone keeps its own
-    linears, norms = _parts(side)
+    linears, norms = _parts(side, roles)
     q, k = linears["attn.q"][0], linears["attn.k"][0]
     old = {"hidden": q.in_features, "inner": q.out_features, "kv_inner": k.out_features}
     head_dim = _head_dim(side, old["inner"])
