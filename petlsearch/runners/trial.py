@@ -142,7 +142,6 @@ def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, dict[str, float
     run). A causal LM has no new head: its baseline is the pretrained model as it is (its
     perplexity is the figure before training)."""
     if not task.new_head:
-        seed_everything(cfg.seed)
         return {"pretrained": evaluate(task.make_model(), task, "test")}
     return {"majority_class": {task.metric: task.majority_score("test")},
             "head_only": run_trial(task, [], {}, cfg, test=True).test}

@@ -2,8 +2,9 @@
 
 `encoder.L3.attn.q` must name the same place in BERT and RoBERTa, so roles come from rules on the
 module's path inside its block and on its type, not from model-specific code. The rules below cover
-BERT/RoBERTa/MiniLM, GPT-2, T5, Llama, ViT, CLIP and CNNs (EfficientNet); an unknown transformer
-falls through to the same name patterns, which is the structural fallback.
+BERT/RoBERTa/MiniLM, GPT-2, T5, Llama, ViT, CLIP and CNNs (EfficientNet) and the names most other
+families use; where they know no name for a block's Linear layer, `structural.py` gives its role
+from the block's shapes and order.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class SearchSpace:
         # plugin -> site key -> Site: the candidates' sites, the only ones a placement binds to
         self._sites: dict[str, dict[str, Site]] = {name: {} for name in plugins}
         for c in candidates:
-            self._sites.setdefault(c.plugin, {})[c.site.key] = c.site
+            self._sites[c.plugin][c.site.key] = c.site
         self.backbone_params = graph.num_parameters()
         self.head_params = graph.num_parameters(include_head=True) - self.backbone_params
 

@@ -220,6 +220,8 @@ def build_supernet(ctx: SearchContext, task: Task, cfg: TrainConfig, sizes: int 
         applied = attach(model, [(a.placement, Bound(plugins[a.placement.plugin], a.candidate.site,
                                                         a.placement.config)) for a in arms])
     except PluginError as exc:
+        if len({a.placement.key for a in arms}) == len(arms):  # one size per candidate: not a matter of sizes
+            raise
         raise PluginError(f"s3pet: {exc}; use sizes=1 (one size per candidate)") from exc
     for arm, (_, module) in zip(arms, applied.modules):
         arm.module = module
