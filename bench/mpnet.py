@@ -93,20 +93,25 @@ def run(opts: Options) -> Report:
     # one step each, a minute: before the hours of training, so that a stopped run has it
     memory = journal.run(RunLog.key(kind="memory", model=task.model_name, shape=MEMORY_SHAPE, quick=opts.quick),
                          lambda: lean_memory(task, opts.quick))
+    from bench.search import PLUGINS as SEARCH_PLUGINS
+    from petlsearch.plugins import create_plugins
+    from petlsearch.searchspace.space import SearchSpace
+
+    space = SearchSpace.from_graph(graph, create_plugins(SEARCH_PLUGINS))  # the hand-made designs' space, built once
     zoo = functools.partial(zoo_work, task, methods, steps)
     search = functools.partial(search_work, task, opts.quick)
     # seed 0 of what the targets read, then their other seeds (the hand-made design picked on seed 0's
     # validation), then the other rows: a run stopped part way has the targets' figures first
     first = [label for label in methods if label in TARGET_ROWS]
     phase_a = [*zoo(first, [0]), *(w for b in budgets for w in search(b, [0])),
-               *(w for b in budgets for w in hand_made(task, opts.quick, b, None, 0))]
+               *(w for b in budgets for w in hand_made(task, space, opts.quick, b, None, 0))]
     done = dict(zip((label for label, _, _ in phase_a), journal.run_all([w[1:] for w in phase_a], opts.reverse)))
     picked = {b: max((v for k, v in done.items() if k.startswith(f"hand-made {b}")), key=lambda r: r["val"],
                      default=None) for b in budgets}
     later = range(1, seeds)
     phase_b = [*zoo(first, later), *(w for b in budgets for w in search(b, later)),
                *(w for b, p in picked.items() if p is not None for sd in later
-                 for w in hand_made(task, opts.quick, b, p["design"], sd))]
+                 for w in hand_made(task, space, opts.quick, b, p["design"], sd))]
     phase_c = zoo([label for label in methods if label not in TARGET_ROWS], range(seeds))
     values = [*done.values(), *journal.run_all([w[1:] for w in phase_b + phase_c], opts.reverse)]
     if opts.helper:
@@ -157,26 +162,18 @@ def search_work(task: Any, quick: bool, budget: str, seeds: Any) -> list[tuple[s
              functools.partial(one_search, task, budget, "s3pet", trials, fidelity, final, seed)) for seed in seeds]
 
 
-def hand_made(task: Any, quick: bool, budget: str, design: str | None, seed: int) -> list[tuple[str, str, Any]]:
-    """The search benchmark's hand-made designs that fit `budget` (only `design`, when given)."""
-    from bench.search import HAND_MADE, PLUGINS, fidelities, hand_made_work
-    from petlsearch.plugins import create_plugins
-    from petlsearch.searchspace.graph import ModelGraph
-    from petlsearch.searchspace.space import SearchSpace
+def hand_made(task: Any, space: Any, quick: bool, budget: str, design: str | None,
+              seed: int) -> list[tuple[str, str, Any]]:
+    """The search benchmark's hand-made designs that fit `budget` (only `design`, when given), on
+    `space` (the search benchmark's default space on the task's backbone)."""
+    import json
 
-    space = SearchSpace.from_graph(ModelGraph.from_model(task.make_model()), create_plugins(PLUGINS))
+    from bench.search import HAND_MADE, fidelities, hand_made_work
+
     chosen = [d for d in HAND_MADE if design is None or d[0] == design]
-    final = fidelities(quick)[1]
-    work = hand_made_work(task, space, budget, final, chosen, seed)
-    fitting = [d[0] for d in chosen if _fits(space, budget, d)]
-    return [(f"hand-made {budget} {label}", key, compute) for label, (key, compute) in zip(fitting, work)]
-
-
-def _fits(space: Any, budget: str, design: tuple[str, str, Any]) -> bool:
-    from bench.search import fit_design
-    from petlsearch.searchspace.budget import Budget
-
-    return fit_design(space, design[1], design[2], space.bind(Budget.parse(budget)).limit) is not None
+    work = hand_made_work(task, space, budget, fidelities(quick)[1], chosen, seed)
+    # the design's label is in its run-log key (hand_made_work keeps only the designs that fit)
+    return [(f"hand-made {budget} {json.loads(key)['hand_made']}", key, compute) for key, compute in work]
 
 
 def search_table(searches: dict[str, list[dict[str, Any]]], designs: dict[str, list[dict[str, Any]]],
