@@ -94,8 +94,9 @@ def make_batch(model: nn.Module, batch: int, seq: int) -> dict[str, Any]:
     return out
 
 
-def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any) -> dict[str, Any]:
-    """Measured and estimated memory of plugin `name` at every site of `base` (head frozen)."""
+def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any, device: str = "cpu") -> dict[str, Any]:
+    """Measured and estimated memory of plugin `name` at every site of `base` (head frozen), on
+    the device `base` and `batch` are on (`device`: its type, which the memory model reads)."""
     from petlsearch.searchspace.graph import ModelGraph
     from petlsearch.searchspace.measure import measure
     from petlsearch.searchspace.memory import estimate
@@ -109,7 +110,7 @@ def plugin_row(base: nn.Module, name: str, batch: dict[str, Any], shape: Any) ->
     if not params:  # training-free (Tip-Adapter): nothing to step
         return {"plugin": name, "params": 0, "sites": len(prep.placements), "error": "no trainable parameters"}
     measured = measure(model, batch, params)
-    est = estimate(graph, prep.placements, shape)
+    est = estimate(graph, prep.placements, shape, device=device)
     return {"plugin": name, "params": prep.trainable, "sites": len(prep.placements), "measured": measured.total,
             "estimated": est.total, "act_measured": measured.activations, "act_estimated": est.activations,
             "error": (est.total - measured.total) / measured.total,

@@ -3,7 +3,8 @@
 - `tiny_text_task`: real Rotten Tomatoes snippets on a tiny random BERT that uses MiniLM's real
   tokenizer; a training step takes a fraction of a second.
 - `frozen_tiny(family)`: a tiny model of a family (BERT, GPT-2, T5, Llama, ViT, CLIP; the
-  conformance kit's, `petlsearch.plugins.testing`) with every parameter frozen, and its graph.
+  conformance kit's, `petlsearch.plugins.testing`) with every parameter frozen, and its graph;
+  `tiny_batch(model, family)` a seeded batch for it, with the labels its loss reads.
 - `Splits.subset` (`petlsearch.runners.data`) cuts any task's splits to a size.
 """
 
@@ -57,6 +58,15 @@ def frozen_tiny(family: str = "bert") -> tuple[nn.Module, ModelGraph]:
     for p in model.parameters():
         p.requires_grad_(False)
     return model, ModelGraph.from_model(model)
+
+
+def tiny_batch(model: nn.Module, family: str) -> dict[str, Any]:
+    """A seeded batch (2 examples) for `frozen_tiny(family)`'s model, with labels: class ids for a
+    classifier, the tokens themselves for a language model (CLIP's contrastive loss needs none)."""
+    from petlsearch.plugins import _tiny as tiny
+    from petlsearch.plugins.checks import labelled
+
+    return labelled(model, family, tiny.inputs(family))
 
 
 def trainable_numel(model: nn.Module) -> int:

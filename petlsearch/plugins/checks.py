@@ -49,11 +49,11 @@ def _setup(plugin: Plugin, family: str) -> tuple[torch.nn.Module, ModelGraph, di
     graph = ModelGraph.from_model(model)
     inputs = tiny.inputs(family)
     if plugin.needs_data:
-        plugin.prepare(model, [_labelled(model, family, inputs)])
+        plugin.prepare(model, [labelled(model, family, inputs)])
     return model, graph, inputs, _spread(plugin.sites(graph))
 
 
-def _labelled(model: torch.nn.Module, family: str, inputs: dict) -> dict:
+def labelled(model: torch.nn.Module, family: str, inputs: dict) -> dict:
     """`inputs` with labels, for data-driven plugins: class ids for classifiers, the tokens for LMs."""
     batch = next(iter(inputs.values())).shape[0]
     if family in ("bert", "vit"):
@@ -61,7 +61,7 @@ def _labelled(model: torch.nn.Module, family: str, inputs: dict) -> dict:
     if family in ("gpt2", "llama"):
         return {**inputs, "labels": inputs["input_ids"]}
     if family == "t5":
-        return {**inputs, "labels": inputs["decoder_input_ids"]}
+        return {**inputs, "labels": inputs["decoder_input_ids"].contiguous()}  # T5's loss views its labels
     return inputs  # CLIP: contrastive, no labels
 
 

@@ -30,7 +30,7 @@ class MeasuredMemory:
         return self.gradients + self.optimizer_state
 
 
-def _loss(out: Any) -> torch.Tensor:
+def step_loss(out: Any) -> torch.Tensor:
     """The scalar a step minimises: the model's own loss, else the mean square of its main output."""
     loss = getattr(out, "loss", None)
     if loss is not None:
@@ -79,7 +79,7 @@ def measure(model: nn.Module, batch: dict[str, Any], params: list[torch.nn.Param
         opt = torch.optim.AdamW(params, lr=1e-4) if optimizer == "adamw" else torch.optim.SGD(params, lr=1e-4)
         torch.manual_seed(0)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = _loss(model(**batch))
+            loss = step_loss(model(**batch))
         loss.backward()
         opt.step()
         weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -46,6 +46,23 @@ def test_outputs_and_gradients_equal_eager_attention(mask_kind: str, p: float):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_backward_under_bf16_autocast_with_fp32_queries():
+    """As on a rotary decoder under the trainer's autocast: q, k come out of RoPE in fp32, v out of a
+    bf16 Linear; backward recomputes in the forward's autocast state and returns each gradient in its
+    input's dtype, close to the fp32 gradients (it raised 'expected scalar type Float')."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 2, 6, 8).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = LeanAttention.apply(q, k, v, None, None, 8 ** -0.5, 0.0)
+    out.float().sum().backward()
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    _eager(q2, k2, v2, None, None, 8 ** -0.5, None, 0.0).sum().backward()
+    for got, ref in ((q.grad, q2.grad), (k.grad, k2.grad), (v.grad, v2.grad)):
+        assert torch.allclose(got.float(), ref, atol=0.1, rtol=0.05)
+
+
 def test_backward_keeps_no_seq_squared_float_tensor():
     b, h, s, d = 2, 4, 64, 8
     q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))

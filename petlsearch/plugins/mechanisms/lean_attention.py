@@ -37,7 +37,8 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 class LeanAttention(torch.autograd.Function):
     """out = dropout(softmax(q k^T * scaling + bias + mask)) v; backward recomputes the probabilities
     from q, k and the saved log-sum-exp. `bias` (T5's position bias) may need a gradient, `mask`
-    (additive float or boolean keep-mask) not."""
+    (additive float or boolean keep-mask) not. Backward recomputes under the forward's autocast
+    state (bf16 on a GPU) and returns each gradient in its input's dtype."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -49,6 +50,8 @@ class LeanAttention(torch.autograd.Function):
         if keep is not None:
             probs = probs * keep / (1 - p)
         ctx.scaling, ctx.p = scaling, p
+        device = q.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.save_for_backward(q, k, v, bias, mask, lse, keep)
         return torch.matmul(probs, v)
@@ -56,7 +59,8 @@ class LeanAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, bias, mask, lse, keep = ctx.saved_tensors
-        with torch.no_grad():
+        device, enabled, dtype = ctx.autocast
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             probs = torch.exp(_scores(q, k, ctx.scaling, bias, mask) - lse)
             dropped = probs if keep is None else probs * keep / (1 - ctx.p)
             grad_v = torch.matmul(dropped.transpose(-1, -2), grad)
@@ -66,8 +70,8 @@ class LeanAttention(torch.autograd.Function):
             grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
             grad_q = torch.matmul(grad_scores, k) * ctx.scaling
             grad_k = torch.matmul(grad_scores.transpose(-1, -2), q) * ctx.scaling
-            grad_bias = _reduce_to(grad_scores, ctx.bias_shape) if ctx.needs_input_grad[3] else None
-        return grad_q, grad_k, grad_v, grad_bias, None, None, None
+            grad_bias = _reduce_to(grad_scores, ctx.bias_shape).to(bias.dtype) if ctx.needs_input_grad[3] else None
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_bias, None, None, None
 
 
 def lean_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
