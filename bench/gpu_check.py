@@ -24,21 +24,19 @@ about a GPU. The script exits non-zero when a test or a plugin's step fails.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import methods as M
-from bench.common import RESULTS, Report, Table, Target, interleave, median, mib, paired_ratio
+from bench.common import RESULTS, Report, Table, Target, median, mib
 from bench.memory import full_ft, make_batch, plugin_row
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,7 @@ def cuda_tests(out: Path) -> tuple[Table, int]:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     table = Table("CUDA-marked tests (`pytest -m cuda tests`)", ["test", "outcome", "seconds", "detail"])
     if not xml.exists():
-        table.add("(pytest did not run)", "error", "", proc.stderr.strip().splitlines()[-1:] or "")
+        table.add("(pytest did not run)", "error", "", _last_line(proc.stderr))
         return table, 1
     failed = 0
     for case in ET.parse(xml).getroot().iter("testcase"):
@@ -71,8 +69,13 @@ def cuda_tests(out: Path) -> tuple[Table, int]:
                   float(case.get("time", 0.0)), detail)
     if proc.returncode not in (0, 5) and not failed:  # 5: nothing collected
         failed = 1
-        table.add("(pytest)", f"exit {proc.returncode}", "", proc.stdout.strip().splitlines()[-1:] or "")
+        table.add("(pytest)", f"exit {proc.returncode}", "", _last_line(proc.stdout))
     return table, failed
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def plugin_step(name: str, family: str, device: torch.device, amp: bool) -> dict[str, Any] | None:
@@ -152,20 +155,27 @@ def plugin_steps(device: torch.device, amp: bool) -> tuple[Table, int]:
     return table, failed
 
 
-def memory_rows(device: torch.device, dry: bool) -> Table:
-    """The memory model against the measured step, on `device`."""
+def bert(dry: bool, device: torch.device) -> tuple[str, torch.nn.Module]:
+    """(label, model): BERT-base's config with random weights (dry: a 2-layer, 64-wide BERT)."""
     from transformers import BertConfig, BertForSequenceClassification
 
+    torch.manual_seed(0)
+    if dry:
+        config = BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=256, num_labels=2)
+        return "tiny BERT", BertForSequenceClassification(config).to(device)
+    return "BERT-base (config)", BertForSequenceClassification(BertConfig(num_labels=2)).to(device)
+
+
+def memory_rows(device: torch.device, dry: bool) -> Table:
+    """The memory model against the measured step, on `device`."""
     from petlsearch.runtime import to_device
     from petlsearch.searchspace.memory import BatchShape
 
-    torch.manual_seed(0)
-    config = (BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256, num_labels=2) if dry else BertConfig(num_labels=2))
+    label, base = bert(dry, device)
     bs = (4, 32) if dry else (16, 128)
-    base = BertForSequenceClassification(config).to(device)
     batch, shape = to_device(make_batch(base, *bs), device), BatchShape(*bs)
-    table = Table(f"{'tiny BERT' if dry else 'BERT-base (config)'}, batch {bs[0]} x {bs[1]}: one fp32 AdamW step, "
+    table = Table(f"{label}, batch {bs[0]} x {bs[1]}: one fp32 AdamW step, "
                   f"{device.type}", ["method", "trainable", "measured MiB", "modelled MiB", "error", "/ full FT"])
     full = full_ft(base, batch)
     table.add("full fine-tuning", sum(p.numel() for p in base.parameters()), mib(full), "", "", 1.0)
@@ -181,47 +191,20 @@ def memory_rows(device: torch.device, dry: bool) -> Table:
     return table
 
 
-def _bf16_step(prep: M.Prepared, batch: dict[str, Any], amp: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(prep.all_params(), lr=1e-4)
-    device = next(prep.model.parameters()).device
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = prep.model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return step
-
-
-def peft_ratios(device: torch.device, amp: bool, dry: bool, report: Report) -> Table:
-    """petlsearch / peft training step time for LoRA (q, v) and IA3, interleaved."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from bench.overhead import LORA_ROLES
+def peft_ratios(device: torch.device, amp: bool, dry: bool) -> tuple[Table, list[Target]]:
+    """petlsearch / peft training step time for LoRA (q, v) and IA3 (the overhead benchmark's
+    comparison, on `device`), and its targets."""
+    from bench.overhead import step_ratios
     from petlsearch.runtime import to_device
 
-    torch.manual_seed(0)
-    config = (BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=256, num_labels=2) if dry else BertConfig(num_labels=2))
+    label, base = bert(dry, device)
     bs, rounds, inner = ((4, 32), 3, 2) if dry else ((32, 128), 15, 5)
-    base = BertForSequenceClassification(config)
     batch = to_device(make_batch(base, *bs), device)
-    table = Table(f"Training step, petlsearch vs peft, {'tiny BERT' if dry else 'BERT-base (config)'} at batch "
-                  f"{bs[0]} x {bs[1]}, {'bf16 autocast' if amp else 'fp32'}, {device.type}",
-                  ["method", "trainable", "petlsearch ms", "peft ms", "ratio (median)", "rounds"])
-    for kind, ours, theirs in (
-        ("lora q,v", lambda m: M.apply_plugin(m, "lora", roles=LORA_ROLES), lambda m: M.apply_peft(m, "lora", LORA_ROLES)),
-        ("ia3", lambda m: M.apply_plugin(m, "ia3"), lambda m: M.apply_peft(m, "ia3")),
-    ):
-        a, b = ours(copy.deepcopy(base).to(device)), theirs(copy.deepcopy(base).to(device))
-        times = interleave({"ours": _bf16_step(a, batch, amp), "peft": _bf16_step(b, batch, amp)}, rounds, inner)
-        ratio, _ = paired_ratio(times["ours"], times["peft"])
-        table.add(kind, a.trainable, 1e3 * median(times["ours"]), 1e3 * median(times["peft"]), ratio, rounds)
-        report.targets.append(Target(f"{kind} step / peft's ({device.type})", ratio, 1.05))
-    return table
+    table = Table(f"Training step, petlsearch vs peft (LoRA on q, v; IA3), {label} at batch {bs[0]} x {bs[1]}, "
+                  f"{'bf16 autocast' if amp else 'fp32'}, {device.type}",
+                  ["method", "trainable", "petlsearch ms", "peft ms", "ratio (median)", "+-", "rounds"])
+    ratios = step_ratios(base, batch, rounds, inner, table, amp=amp)
+    return table, [Target(f"{kind} step / peft's ({device.type})", ratio, 1.05) for kind, ratio in ratios.items()]
 
 
 def run(out: Path, dry: bool) -> tuple[Report, int]:
@@ -236,7 +219,9 @@ def run(out: Path, dry: bool) -> tuple[Report, int]:
     start = time.perf_counter()
     tests, failed_tests = cuda_tests(out)
     steps, failed_steps = plugin_steps(device, amp)
-    report.tables += [tests, steps, memory_rows(device, dry), peft_ratios(device, amp, dry, report)]
+    peft, targets = peft_ratios(device, amp, dry)
+    report.tables += [tests, steps, memory_rows(device, dry), peft]
+    report.targets += targets
     if dry:
         report.notes.append("Dry mode: the CPU at tiny sizes, to check the script; no figure here is a GPU's.")
     report.notes.append(f"{failed_tests} CUDA test(s) and {failed_steps} plugin step(s) failed.")

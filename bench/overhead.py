@@ -37,20 +37,27 @@ GATED_PLUGINS = ("lora", "adapter", "parallel_adapter", "bitfit", "ia3")
 LORA_ROLES = ("attn.q", "attn.v")  # peft's default LoRA targets for BERT
 
 
-def _train_step(prep: M.Prepared, batch: dict[str, Any]) -> Any:
+def _train_step(prep: M.Prepared, batch: dict[str, Any], amp: bool = False) -> Any:
+    """One AdamW step of `prep` on `batch` (under bf16 autocast with `amp`); on CUDA it waits for
+    the device, so that a timer reads the step."""
     optimizer = torch.optim.AdamW(prep.all_params(), lr=1e-4)
+    device = next(prep.model.parameters()).device
 
     def step() -> None:
-        loss = prep.model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = prep.model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     return step
 
 
 def step_ratios(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner: int,
-                table: Table) -> dict[str, float]:
-    """petlsearch / peft step time for LoRA (q, v) and IA3 (k, v, FFN), interleaved."""
+                table: Table, amp: bool = False) -> dict[str, float]:
+    """petlsearch / peft step time for LoRA (q, v) and IA3 (k, v, FFN), interleaved (bf16
+    autocast with `amp`), on the device of `base` and `batch`."""
     ratios = {}
     for kind, ours, theirs in (
         ("lora", lambda m: M.apply_plugin(m, "lora", roles=LORA_ROLES), lambda m: M.apply_peft(m, "lora", LORA_ROLES)),
@@ -59,7 +66,8 @@ def step_ratios(base: torch.nn.Module, batch: dict[str, Any], rounds: int, inner
         a, b = ours(copy.deepcopy(base)), theirs(copy.deepcopy(base))
         if a.trainable != b.trainable:
             raise RuntimeError(f"{kind}: petlsearch trains {a.trainable} parameters, peft {b.trainable}")
-        times = interleave({"petlsearch": _train_step(a, batch), "peft": _train_step(b, batch)}, rounds, inner)
+        times = interleave({"petlsearch": _train_step(a, batch, amp), "peft": _train_step(b, batch, amp)}, rounds,
+                           inner)
         ratio, dev = paired_ratio(times["petlsearch"], times["peft"])
         ratios[kind] = ratio
         table.add(kind, a.trainable, median(times["petlsearch"]) * 1e3, median(times["peft"]) * 1e3,

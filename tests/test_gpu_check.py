@@ -34,7 +34,7 @@ def test_dry_run_reports_every_section_and_every_plugin(tmp_path) -> None:
     assert all(row[5] in ("yes", "skipped") for row in steps["rows"]), [r for r in steps["rows"] if r[5] == "NO"]
     assert [row[0] for row in memory["rows"]][:2] == ["full fine-tuning", "lora"]
     assert all(isinstance(row[3], float) for row in memory["rows"][1:])  # a modelled figure beside each measured
-    assert [row[0] for row in peft["rows"]] == ["lora q,v", "ia3"] and all(row[4] > 0 for row in peft["rows"])
+    assert [row[0] for row in peft["rows"]] == ["lora", "ia3"] and all(row[4] > 0 for row in peft["rows"])
     assert "no figure here is a GPU's" in (tmp_path / "gpu-check-quick.md").read_text()
 
 
