@@ -7,6 +7,11 @@ network). The rate with the best validation accuracy (the validation loss breaks
 the plugin's `Recipe` declares, with this benchmark as its source. The test split is not read.
 Finished runs are kept in results/raw/recipes-runs.jsonl, so an interrupted run resumes where it
 stopped (about 40 minutes on 2 CPU cores with --jobs 2).
+
+Beside it, the head's rate: the head alone and the plugins in HEAD_SWEEP (the slow learners of
+the zoo's 100 steps, and two fast ones) at each rate of HEAD_RATES, each plugin at its recipe rate,
+on the same split (validation only): whether a new head of 770 weights on the frozen pooler is
+what holds the 100-step runs near the majority class.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ SWEEP: dict[str, tuple[float, ...]] = {
     "mam_adapter": (1e-4, 3e-4), "unified": (1e-4, 3e-4),
 }
 QUICK = {"lora": (1e-3, 1e-2), "bitfit": (1e-2,)}
+HEAD_ONLY = "head only"
+HEAD_RATES = (1e-2, 3e-2, 1e-1)  # 1e-2: HEAD_LR, the rate every row of the zoo's head trains at
+HEAD_SWEEP = (HEAD_ONLY, "prompt_tuning", "vpt", "compacter", "compacter_pp", "bitfit", "ia3", "lora")
+QUICK_HEAD_SWEEP = (HEAD_ONLY, "bitfit")
 
 
 def one_run(task: Any, name: str, lr: float, head_lr: float, steps: int, seed: int) -> dict[str, Any]:
@@ -40,9 +49,17 @@ def one_run(task: Any, name: str, lr: float, head_lr: float, steps: int, seed: i
 
     cfg = TrainConfig(steps=steps, batch_size=BATCH, lr=lr, head_lr=head_lr, seed=seed, device="cpu",
                       max_eval_examples=EVAL_EXAMPLES)
-    prep = M.apply_plugin(M.fresh_model(task, seed), name, batches=task.batches("train", 32, seed=0))
+    model = M.fresh_model(task, seed)
+    prep = M.head_only(model) if name == HEAD_ONLY else M.apply_plugin(model, name,
+                                                                        batches=task.batches("train", 32, seed=0))
     result = train(prep.model, task, prep.groups(cfg), cfg)
     return {"val": result.val["accuracy"], "val_loss": result.val["loss"], "trainable": prep.trainable}
+
+
+def recipe_rate(name: str) -> float | None:
+    from petlsearch.plugins import create_plugin
+
+    return None if name == HEAD_ONLY else create_plugin(name).recipe.lr
 
 
 def head_rate(name: str) -> float:
@@ -60,10 +77,13 @@ def run(opts: Options) -> Report:
     steps = opts.pick(3, STEPS, opts.steps)
     sweep = {k: v for k, v in (QUICK if opts.quick else SWEEP).items() if k in list_plugins()}
     journal = RunLog(opts.out / "raw" / f"{report.stem}-runs.jsonl")
-    work = [(RunLog.key(sweep=name, lr=lr, head_lr=head_rate(name), steps=steps, batch=BATCH, seed=0,
-                        task=task.name, model=task.model_name),
-             lambda n=name, lr=lr: one_run(task, n, lr, head_rate(n), steps, 0))
-            for name, rates in sweep.items() for lr in rates]
+    heads = [n for n in (QUICK_HEAD_SWEEP if opts.quick else HEAD_SWEEP) if n == HEAD_ONLY or n in list_plugins()]
+    pairs = [(name, lr, head_rate(name)) for name, rates in sweep.items() for lr in rates]
+    head_pairs = [(name, recipe_rate(name), h) for name in heads for h in HEAD_RATES]
+    work = [(RunLog.key(sweep=name, lr=lr, head_lr=h, steps=steps, batch=BATCH, seed=0, task=task.name,
+                        model=task.model_name),
+             lambda n=name, lr=lr, h=h: one_run(task, n, lr, h, steps, 0))
+            for name, lr, h in pairs + head_pairs]
     values = iter(journal.run_all(work, opts.reverse))
     if opts.helper:
         return report
@@ -79,5 +99,26 @@ def run(opts: Options) -> Report:
                   " / ".join(f"{r['val']:.3f}" for r in rows), " / ".join(f"{r['val_loss']:.3f}" for r in rows),
                   f"{rates[pick]:g}")
     report.tables.append(table)
-    report.data = {"best": best, "steps": steps}
+    head_table, head_best = head_rate_table(heads, [next(values) for _ in head_pairs], steps)
+    report.tables.append(head_table)
+    report.data = {"best": best, "head_best": head_best, "steps": steps}
     return report
+
+
+def head_rate_table(names: list[str], rows: list[dict[str, Any]], steps: int) -> tuple[Table, dict[str, float]]:
+    """Validation accuracy (loss) of each of `names` at each head rate; `rows` in (name, rate) order."""
+    table = Table(f"The head's rate: {steps} steps at batch {BATCH}, seed 0, each plugin at its recipe rate; "
+                  "validation accuracy (loss) per head rate", ["method", "rate", "head rates tried",
+                                                               "val acc per head rate", "val loss per head rate",
+                                                               "best head rate"])
+    best: dict[str, float] = {}
+    k = len(HEAD_RATES)
+    for i, name in enumerate(names):
+        group = rows[i * k:(i + 1) * k]
+        pick = max(range(k), key=lambda j: (group[j]["val"], -group[j]["val_loss"]))
+        best[name] = HEAD_RATES[pick]
+        rate = recipe_rate(name)
+        table.add(name, "" if rate is None else f"{rate:g}", " / ".join(f"{h:g}" for h in HEAD_RATES),
+                  " / ".join(f"{r['val']:.3f}" for r in group), " / ".join(f"{r['val_loss']:.3f}" for r in group),
+                  f"{HEAD_RATES[pick]:g}")
+    return table, best

@@ -120,6 +120,10 @@ def test_recipes_quick(tmp_path: Path) -> None:
     rows = {r[0]: r for r in report.tables[0].rows}
     assert set(rows) == {"lora", "bitfit"} and report.data["best"]["lora"] in (1e-3, 1e-2)
     assert rows["lora"][1] > 0  # trainable parameters of the plugin at its default size
+    heads = {r[0]: r for r in report.tables[1].rows}
+    assert set(heads) == {"head only", "bitfit"} and set(report.data["head_best"].values()) <= {1e-2, 3e-2, 1e-1}
+    assert heads["head only"][1] == "" and float(heads["bitfit"][1]) > 0  # bitfit at its recipe rate
+    assert len(heads["bitfit"][3].split(" / ")) == 3  # one validation accuracy per head rate
 
 
 def test_fidelity_quick(tmp_path: Path) -> None:
