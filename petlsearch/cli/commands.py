@@ -83,10 +83,8 @@ def _rate(text: str | None) -> dict[str, float]:
 def _training(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the training flags set (only those given)."""
     out: dict[str, Any] = dict(_rate(args.lr))
-    if args.head_lr is not None:
-        if not args.head_lr > 0:
-            raise PetlsearchError(f"--head-lr must be a positive rate, got {args.head_lr}")
-        out["head_lr"] = args.head_lr
+    if args.head_lr is not None and not auto_head_lr(args):
+        out["head_lr"] = _positive_rate(args.head_lr)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise PetlsearchError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -94,6 +92,25 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
     if args.device is not None:
         out["device"] = _device(args.device)
     return out
+
+
+def auto_head_lr(args: argparse.Namespace) -> bool:
+    """`--head-lr auto`: the search picks the head's rate first (`petlsearch train` takes a number)."""
+    auto = str(args.head_lr).strip().lower() == "auto"
+    if auto and args.command != "search":
+        raise PetlsearchError("--head-lr auto is a search option; give `petlsearch train` a rate, e.g. the "
+                              "head_lr in the structure's train section")
+    return auto
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = float("nan")
+    if not (rate > 0 and rate < float("inf")):
+        raise PetlsearchError(f"--head-lr must be a positive rate or 'auto', got {text!r}")
+    return rate
 
 
 def _device(name: str) -> str:
@@ -147,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                         fidelity=fidelity, final=final, timeout=args.timeout, progress=say,
                         strategy_options=options, on_final_step=final_step, max_length=_max_length(args),
                         run_config=run_config(args), text_column=args.text_column,
-                        label_column=args.label_column)
+                        label_column=args.label_column, auto_head_lr=auto_head_lr(args))
     res = result.structure.result
     console.print(f"[bold]best structure[/bold]: {len(result.structure.placements)} placements, "
                   f"{res['trainable_params']:,} trainable parameters "

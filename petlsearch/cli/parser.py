@@ -16,8 +16,8 @@ def _column_flags(p: argparse.ArgumentParser) -> None:
 def _training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", help="learning rate: a scale of every plugin's recipe ('3x', '0.3x'), or one absolute "
                    "rate for every module ('1e-3'); given, the search does not search it")
-    p.add_argument("--head-lr", type=float, help="learning rate of the new task head (default: the recipes', "
-                   "else 1e-2)")
+    p.add_argument("--head-lr", help="learning rate of the new task head (default: the recipes', else 1e-2); "
+                   "search --head-lr auto: the best of the head alone at 3e-3, 1e-2, 3e-2 and 1e-1 first")
     p.add_argument("--batch-size", type=int, help="examples per training step (default 16)")
     p.add_argument("--max-length", type=int, help="tokens per text example (default 64)")
     p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda, cuda:N, mps")

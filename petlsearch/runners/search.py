@@ -20,7 +20,15 @@ from petlsearch.plugins.registry import create_plugins
 from petlsearch.runners import report as pictures
 from petlsearch.runners.tasks import DEFAULT_TASK, Task, get_task
 from petlsearch.runners.trainer import TrainConfig
-from petlsearch.runners.trial import TRAINING, TrialOutcome, beats, run_trial, trivial_baselines
+from petlsearch.runners.trial import (
+    HEAD_RATES,
+    TRAINING,
+    TrialOutcome,
+    beats,
+    pick_head_rate,
+    run_trial,
+    trivial_baselines,
+)
 from petlsearch.searchspace.budget import Budget
 from petlsearch.searchspace.graph import ModelGraph
 from petlsearch.searchspace.memory import BatchShape
@@ -54,7 +62,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
            strategy_options: dict[str, Any] | None = None, progress: Any = None,
            on_final_step: Any = None, search_lr: bool | None = None, max_length: int | None = None,
            run_config: dict[str, Any] | None = None, text_column: str = "text",
-           label_column: str = "label") -> RunResult:
+           label_column: str = "label", auto_head_lr: bool = False) -> RunResult:
     """Search a structure for `model` on `task` under `budget`, retrain it, and write the run folder.
 
     Every module trains at its plugin's recipe; the black-box strategies (random, optuna, ray)
@@ -66,6 +74,9 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
     after each step of the final retraining (a progress bar's update). `run_config` is written to the
     run folder as run.yaml (the CLI's options, so that `petlsearch search --config` repeats the run).
     `text_column` / `label_column` name the columns of a file task (csv:PATH, jsonl:PATH).
+    `auto_head_lr` first picks the new head's rate (`trial.pick_head_rate`: the head alone at each of
+    `HEAD_RATES` for the final run's steps, best on validation), which every trial, the final run and
+    the head-only baseline then use.
 
     >>> result = petlsearch.search(budget="0.1%", strategy="random", trials=4)  # doctest: +SKIP
     >>> result.structure.save("structure.yaml")                                 # doctest: +SKIP
@@ -83,7 +94,8 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
             owned.enter_context(RunFolderLock(out))
         out_dir = _prepare_out(out, resume, {"model": model, "task": task if isinstance(task, str) else task.name,
                                              "budget": budget.to_dict(), "strategy": strategy, "plugins": list(plugins),
-                                             "trials": trials, "seed": seed, "search_lr": search_lr}, run_config)
+                                             "trials": trials, "seed": seed, "search_lr": search_lr,
+                                             **({"auto_head_lr": True} if auto_head_lr else {})}, run_config)
         say = progress or (lambda msg: log.info("%s", msg))
 
         def warn(msg: str) -> None:
@@ -112,6 +124,14 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
         size = space.size()
         say(f"{task.model_name} on {task.name}: {space.backbone_params:,} backbone parameters; budget "
             f"{budget.describe()}; {size.candidates} candidates, 10^{size.log10_structures:.0f} structures")
+        head_rates: dict[float, float] = {}
+        if auto_head_lr:
+            say(f"picking the head's rate: the head alone for {final.steps} steps at each of "
+                + ", ".join(f"{r:g}" for r in HEAD_RATES))
+            rate, head_rates = pick_head_rate(task, replace(final, max_eval_examples=fidelity.max_eval_examples),
+                                              say=say)
+            say(f"head rate {rate:g} for every trial, the final run and the head-only baseline")
+            fidelity, final = replace(fidelity, head_lr=rate), replace(final, head_lr=rate)
         shape = BatchShape(fidelity.batch_size, task.max_length)
 
         def objective(placements: Any, report: Any, train: dict[str, float] | None = None) -> TrialOutcome:
@@ -145,6 +165,7 @@ def search(model: str | None = None, task: str | Task = DEFAULT_TASK, budget: st
                   "metric": task.metric, "strategy": strategy, "seed": seed, "trials": len(found.history),
                   "search_seconds": round(found.seconds, 1), "total_seconds": round(time.monotonic() - t0, 1),
                   "baselines": baselines, "beats_baselines": learned, **({"smoke": True} if capped else {}),
+                  **({"head_rates": {f"{r:g}": v for r, v in head_rates.items()}} if head_rates else {}),
                   **({"pretrained": scores["pretrained"]} if "pretrained" in scores else {})}
         if budget.memory is not None:
             result["memory_estimate"] = space.memory(found.best, shape)

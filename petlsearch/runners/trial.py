@@ -9,10 +9,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from petlsearch.errors import PetlsearchError
 from petlsearch.files import save_tensors
 from petlsearch.runners.trainer import (
     ParamGroup,
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from petlsearch.runners.tasks import Task
 
 log = logging.getLogger(__name__)
+# `--head-lr auto`: the head's rates tried. No one rate suits every backbone: on MiniLM's small pooled
+# features the head alone wants 1e-1, on MPNet's fresh dense head 1e-2 (docs/benchmarks.md)
+HEAD_RATES = (3e-3, 1e-2, 3e-2, 1e-1)
 PREPARE_BATCHES = 8  # batches a data-driven plugin (FISH, SNIP, Tip-Adapter) may look at
 
 
@@ -145,6 +149,23 @@ def trivial_baselines(task: Task, cfg: TrainConfig) -> dict[str, dict[str, float
         return {"pretrained": evaluate(task.make_model(), task, "test")}
     return {"majority_class": {task.metric: task.majority_score("test")},
             "head_only": run_trial(task, [], {}, cfg, test=True).test}
+
+
+def pick_head_rate(task: Task, cfg: TrainConfig, rates: Sequence[float] = HEAD_RATES,
+                   say: Callable[[str], None] | None = None) -> tuple[float, dict[float, float]]:
+    """The head's rate for `task`: the head alone trained as `cfg` says (its steps, seed and
+    evaluation) at each of `rates`; the best validation score wins, the validation loss breaks ties.
+    Returns (rate, {rate: validation score})."""
+    if not task.new_head:
+        raise PetlsearchError(f"a head rate can only be picked for a task with a new head; {task.name} has none")
+    scored: dict[float, tuple[float, float]] = {}
+    for rate in rates:
+        outcome = run_trial(task, [], {}, replace(cfg, head_lr=rate))
+        scored[rate] = (outcome.score, -outcome.metrics.get("loss", 0.0))
+        if say is not None:
+            say(f"head rate {rate:g}: head alone {task.metric} {outcome.score:.4f} on validation")
+    best = max(scored, key=scored.get)
+    return best, {rate: score for rate, (score, _) in scored.items()}
 
 
 def beats(test: dict[str, float], baselines: dict[str, dict[str, float]], metric: str) -> bool:

@@ -165,3 +165,51 @@ def test_conformance_kit_checks_the_recipe() -> None:
     bad = type("ZeroRate", (lora,), {"name": "zero_rate", "recipe": Recipe(lr=0.0, source="x")})
     with pytest.raises(ConformanceError, match=r"\[zero_rate\] check_recipe on bert: .*lr=0.0"):
         check_recipe(bad(), "bert")
+
+
+def test_auto_head_rate_picks_the_best_head_alone_and_every_run_uses_it(tiny_task, tmp_path, monkeypatch) -> None:
+    """--head-lr auto: the head alone at each of HEAD_RATES, the best on validation (loss breaks
+    ties) is the rate of every trial, the final run, the head-only baseline and the train section."""
+    import petlsearch.runners.trial as trial
+
+    seen: list[float | None] = []
+    real = trial.train
+
+    def spy(model, task, groups, cfg, **kw):
+        seen.append(next(g.lr for g in groups if g.name == "head"))
+        return real(model, task, groups, cfg, **kw)
+
+    monkeypatch.setattr(trial, "train", spy)
+    fast = TrainConfig(steps=2, batch_size=8, max_eval_examples=16, device="cpu")
+    result = search(task=tiny_task, budget="5%", strategy="random", plugins=["lora"], trials=2, out=tmp_path / "r",
+                    fidelity=fast, final=fast, auto_head_lr=True)
+    rates = result.structure.result["head_rates"]
+    assert list(rates) == [f"{r:g}" for r in trial.HEAD_RATES]
+    sweep, rest = seen[:len(trial.HEAD_RATES)], seen[len(trial.HEAD_RATES):]
+    assert sweep == list(trial.HEAD_RATES)
+    picked = result.structure.train["head_lr"]
+    assert picked in trial.HEAD_RATES and rates[f"{picked:g}"] == max(rates.values())
+    assert len(rest) == 2 + 1 + 1 and set(rest) == {picked}  # two trials, the final run, the head-only baseline
+
+
+def test_auto_head_rate_flag_and_its_errors(tmp_path) -> None:
+    from petlsearch.cli.commands import auto_head_lr
+
+    assert auto_head_lr(_parse(["search", "--head-lr", "auto"])) and "head_lr" not in _training(
+        _parse(["search", "--head-lr", "auto"]))
+    assert _training(_parse(["search", "--head-lr", "0.05"]))["head_lr"] == 0.05
+    config = tmp_path / "run.yaml"
+    config.write_text("head-lr: auto\n")
+    assert auto_head_lr(_parse(["search", "--config", str(config)]))
+    for bad in ("fast", "-1", "0"):
+        with pytest.raises(PetlsearchError, match="--head-lr must be a positive rate or 'auto'"):
+            _training(_parse(["search", "--head-lr", bad]))
+    with pytest.raises(PetlsearchError, match="--head-lr auto is a search option"):
+        _training(_parse(["train", "s.yaml", "--head-lr", "auto"]))
+
+
+def test_a_head_rate_needs_a_new_head(tiny_task) -> None:
+    from petlsearch.runners.trial import pick_head_rate
+
+    with pytest.raises(PetlsearchError, match="only be picked for a task with a new head"):
+        pick_head_rate(replace(tiny_task, kind="lm"), ONE_STEP)
