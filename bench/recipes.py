@@ -93,11 +93,7 @@ def run(opts: Options) -> Report:
     best: dict[str, float] = {}
     for name, rates in sweep.items():
         rows = [next(values) for _ in rates]
-        pick = max(range(len(rates)), key=lambda i: (rows[i]["val"], -rows[i]["val_loss"]))
-        best[name] = rates[pick]
-        table.add(name, rows[0]["trainable"], " / ".join(f"{r:g}" for r in rates),
-                  " / ".join(f"{r['val']:.3f}" for r in rows), " / ".join(f"{r['val_loss']:.3f}" for r in rows),
-                  f"{rates[pick]:g}")
+        best[name] = sweep_row(table, name, rows[0]["trainable"], rates, rows)
     report.tables.append(table)
     head_table, head_best = head_rate_table(heads, [next(values) for _ in head_pairs], steps)
     report.tables.append(head_table)
@@ -114,11 +110,15 @@ def head_rate_table(names: list[str], rows: list[dict[str, Any]], steps: int) ->
     best: dict[str, float] = {}
     k = len(HEAD_RATES)
     for i, name in enumerate(names):
-        group = rows[i * k:(i + 1) * k]
-        pick = max(range(k), key=lambda j: (group[j]["val"], -group[j]["val_loss"]))
-        best[name] = HEAD_RATES[pick]
         rate = recipe_rate(name)
-        table.add(name, "" if rate is None else f"{rate:g}", " / ".join(f"{h:g}" for h in HEAD_RATES),
-                  " / ".join(f"{r['val']:.3f}" for r in group), " / ".join(f"{r['val_loss']:.3f}" for r in group),
-                  f"{HEAD_RATES[pick]:g}")
+        best[name] = sweep_row(table, name, "" if rate is None else f"{rate:g}", HEAD_RATES, rows[i * k:(i + 1) * k])
     return table, best
+
+
+def sweep_row(table: Table, name: str, second: Any, rates: tuple[float, ...], rows: list[dict[str, Any]]) -> float:
+    """Add `name`'s row (one run per rate) to `table`; the rate with the best validation accuracy,
+    the validation loss breaking ties."""
+    pick = max(range(len(rates)), key=lambda i: (rows[i]["val"], -rows[i]["val_loss"]))
+    table.add(name, second, " / ".join(f"{r:g}" for r in rates), " / ".join(f"{r['val']:.3f}" for r in rows),
+              " / ".join(f"{r['val_loss']:.3f}" for r in rows), f"{rates[pick]:g}")
+    return rates[pick]

@@ -64,17 +64,23 @@ def _load_structure(path: str, plugin_specs: Sequence[str] | None) -> Any:
 
 
 # ---------------------------------------------------------------------------- commands
+def _positive(text: str) -> float | None:
+    """`text` as a positive finite number; None when it is not one."""
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if 0 < number < float("inf") else None
+
+
 def _rate(text: str | None) -> dict[str, float]:
     """--lr: '3x' scales every plugin's recipe, '1e-3' is one absolute rate for every module."""
     if text is None:
         return {}
     value = text.strip().lower()
     scale = value.endswith("x")
-    try:
-        number = float(value[:-1] if scale else value)
-    except ValueError:
-        number = float("nan")
-    if not (number > 0 and number < float("inf")):
+    number = _positive(value[:-1] if scale else value)
+    if number is None:
         raise PetlsearchError(f"cannot read the learning rate {text!r}; use a scale of the plugins' recipes "
                               "('3x', '0.5x') or one absolute rate ('1e-3')")
     return {"lr_scale": number} if scale else {"lr": number, "lr_scale": 1.0}
@@ -84,7 +90,9 @@ def _training(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields the training flags set (only those given)."""
     out: dict[str, Any] = dict(_rate(args.lr))
     if args.head_lr is not None and not auto_head_lr(args):
-        out["head_lr"] = _positive_rate(args.head_lr)
+        out["head_lr"] = _positive(args.head_lr)
+        if out["head_lr"] is None:
+            raise PetlsearchError(f"--head-lr must be a positive rate or 'auto', got {args.head_lr!r}")
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise PetlsearchError(f"--batch-size must be a positive integer, got {args.batch_size}")
@@ -101,16 +109,6 @@ def auto_head_lr(args: argparse.Namespace) -> bool:
         raise PetlsearchError("--head-lr auto is a search option; give `petlsearch train` a rate, e.g. the "
                               "head_lr in the structure's train section")
     return auto
-
-
-def _positive_rate(text: str) -> float:
-    try:
-        rate = float(text)
-    except ValueError:
-        rate = float("nan")
-    if not (rate > 0 and rate < float("inf")):
-        raise PetlsearchError(f"--head-lr must be a positive rate or 'auto', got {text!r}")
-    return rate
 
 
 def _device(name: str) -> str:
