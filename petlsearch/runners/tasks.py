@@ -257,5 +257,6 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
         enc["labels"] = labels
         return enc
 
-    return Task(name, "lm", splits, model, lambda: AutoModelForCausalLM.from_pretrained(model), encode,
+    display = Path(model).name if Path(model).is_dir() else model  # as text_model names a folder
+    return Task(name, "lm", splits, display, lambda: AutoModelForCausalLM.from_pretrained(model), encode,
                 metric="token_accuracy", max_length=max_length, tokenizer=tokenizer)

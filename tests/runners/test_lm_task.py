@@ -33,6 +33,7 @@ def test_lm_task_trains_lora_and_reports_perplexity(lm_folder, tmp_path) -> None
     text.write_text("\n".join(rotten_tomatoes().x_train[:80]))
     task = get_task(f"lm:{text}", str(lm_folder), max_length=24)
     assert task.kind == "lm" and task.metric == "token_accuracy"
+    assert task.model_name == lm_folder.name  # the folder's name, not its path (as for a text task)
     placements = [Placement(f"decoder.L{i}.attn.qkv:weight", "lora", {"rank": 4, "alpha": 8, "dropout": 0.0})
                   for i in range(2)]
     out = run_trial(task, placements, {"lora": create_plugin("lora")}, TrainConfig(steps=4, batch_size=8),
