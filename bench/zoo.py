@@ -140,7 +140,7 @@ def targets(runs: dict[str, list[dict[str, Any]]]) -> list[Target]:
                    100 * (acc(m) - acc(ref)), -3.0, ">=") for m, ref in SIZE_MATCHED.items()]
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int, seeds: int) -> Table:
+def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int, seeds: int | str) -> Table:
     full = runs.get(FULL, [{}])[0]
     table = Table(f"{task.model_name} on {task.name}: {steps} steps, {seeds} seed(s); ratios to full fine-tuning",
                   ["method", "trainable", "% of backbone", "test acc", "+- (std)", "val acc", "step / full FT",
