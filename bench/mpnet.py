@@ -11,9 +11,9 @@ cores a step of full fine-tuning takes about 11 s on one thread (LoRA 7 s, the h
 Beside them, S3PET at 0.01% and 0.1% over the search benchmark's default space and fidelity
 (`bench.search`: a supernet of 5 x 20 steps, its structure retrained for 100 steps), against the
 best hand-made design that fits each budget (picked on seed 0's validation) and full fine-tuning,
-3 seeds each (a row that no target reads runs at seed 0 only). And LST's and LoRA's training memory at batch 16 x 128 tokens against full
-fine-tuning's (petlsearch.searchspace.measure.measure, one step on real snippets padded to 128
-tokens), measured first.
+3 seeds each (a row that no target reads runs at seed 0 only). And LST's and LoRA's training
+memory at batch 16 x 128 tokens against full fine-tuning's (petlsearch.searchspace.measure.measure,
+one step on real snippets padded to 128 tokens), measured first.
 """
 
 from __future__ import annotations

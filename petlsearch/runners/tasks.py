@@ -48,6 +48,14 @@ TASKS = ("rotten_tomatoes", "fashion_mnist", "digits", "csv:PATH", "jsonl:PATH",
 
 
 # ---------------------------------------------------------------------------- factories
+def display_name(path: str) -> str:
+    """How a model is named in logs and structure files: a local folder (a named model's cache
+    folder is named after the model) by its own name, a hub name as it is."""
+    from pathlib import Path
+
+    return Path(path).name if Path(path).is_dir() else path
+
+
 def text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module], Any]:
     """(display name, model factory, tokenizer) for a text backbone."""
     from pathlib import Path
@@ -57,13 +65,9 @@ def text_model(name: str, num_labels: int) -> tuple[str, Callable[[], nn.Module]
     key = name.lower()
     if key in TEXT_MODELS:
         path, display = D.minilm_path(), TEXT_MODELS[key]
-    elif key in NAMED_MODELS:
-        path = _named_folder(key)
-        display = Path(path).name  # the folder is named after the model
-    elif Path(name).is_dir():
-        path, display = name, Path(name).name
-    elif "/" in name:
-        path, display = name, name
+    elif key in NAMED_MODELS or Path(name).is_dir() or "/" in name:
+        path = _named_folder(key) if key in NAMED_MODELS else name
+        display = display_name(path)
     else:
         known = list(TEXT_MODELS) + list(NAMED_MODELS) + sorted(IMAGE_MODELS)
         raise TaskError(f"unknown model '{name}'{did_you_mean(key, known)}; use minilm, mpnet, smollm2, "
@@ -257,6 +261,5 @@ def _lm_task(name: str, path: str, model: str | None, text_column: str, max_leng
         enc["labels"] = labels
         return enc
 
-    display = Path(model).name if Path(model).is_dir() else model  # as text_model names a folder
-    return Task(name, "lm", splits, display, lambda: AutoModelForCausalLM.from_pretrained(model), encode,
+    return Task(name, "lm", splits, display_name(model), lambda: AutoModelForCausalLM.from_pretrained(model), encode,
                 metric="token_accuracy", max_length=max_length, tokenizer=tokenizer)
