@@ -121,7 +121,7 @@ def run(opts: Options) -> Report:
     runs = {k: v for k, v in runs.items() if v}
     searches = {b: [v for k, v in labelled if k == f"s3pet {b}"] for b in budgets}
     designs = {b: [v for k, v in labelled if k == f"hand-made {b} {p['design']}"] if p else [] for b, p in picked.items()}
-    report.tables.append(summarise(runs, backbone, task, steps, f"{seeds} (1 for a row no target reads)"))
+    report.tables.append(summarise(runs, backbone, task, steps))
     report.tables.append(search_table(searches, designs, runs.get(FULL, [])))
     report.tables.append(memory_table(memory))
     if skipped:

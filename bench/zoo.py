@@ -112,7 +112,7 @@ def run(opts: Options) -> Report:
     if opts.helper:
         return report
     runs = {label: runs[label] for label, _ in methods if label in runs}  # the table's order either way
-    table = summarise(runs, backbone, task, steps, seeds)
+    table = summarise(runs, backbone, task, steps)
     report.tables.append(table)
     if not opts.quick:
         report.targets += targets(runs)
@@ -140,19 +140,22 @@ def targets(runs: dict[str, list[dict[str, Any]]]) -> list[Target]:
                    100 * (acc(m) - acc(ref)), -3.0, ">=") for m, ref in SIZE_MATCHED.items()]
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int, seeds: int | str) -> Table:
+def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, steps: int) -> Table:
+    """One row per method: its seeds' mean and spread; the memory columns only where a run measured it."""
     full = runs.get(FULL, [{}])[0]
-    table = Table(f"{task.model_name} on {task.name}: {steps} steps, {seeds} seed(s); ratios to full fine-tuning",
-                  ["method", "trainable", "% of backbone", "test acc", "+- (std)", "val acc", "step / full FT",
-                   "memory MiB", "memory / full FT"])
+    with_memory = any(rs[0]["memory"] for rs in runs.values())
+    table = Table(f"{task.model_name} on {task.name}: {steps} steps; ratios to full fine-tuning",
+                  ["method", "seeds", "trainable", "% of backbone", "test acc", "+- (std)", "val acc", "step / full FT",
+                   *(["memory MiB", "memory / full FT"] if with_memory else [])])
     for label, rs in runs.items():
         accs = [r["test"] for r in rs]
         step = statistics.median(r["step_s"] for r in rs)
         memory = rs[0]["memory"]
-        table.add(label, rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
+        table.add(label, len(rs), rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
                   std(accs), statistics.fmean(r["val"] for r in rs),
-                  step / full["step_s"] if full.get("step_s") else float("nan"), mib(memory or 0),
-                  memory / full["memory"] if full.get("memory") else float("nan"))
+                  step / full["step_s"] if full.get("step_s") else float("nan"),
+                  *([mib(memory or 0), memory / full["memory"] if full.get("memory") else float("nan")]
+                    if with_memory else []))
     return table
 
 
