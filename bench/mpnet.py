@@ -3,12 +3,13 @@
 The second classification backbone beside MiniLM (issue 21): full fine-tuning, the head alone,
 LoRA (its default size, rank 8 on every projection: LST's size), LoRA of rank 1 on q and v (VQT's
 size), Houlsby adapters, BitFit, IA3, LST, prompt tuning and VQT, each at its plugin's recipe on
-Rotten Tomatoes (prompt tuning also at 3e-2, `AT_RATE`: its recipe's 0.3 fails here), trained and evaluated as the zoo trains them (batch 16, AdamW, linear decay,
-`bench.zoo.train_method`; validation on 256 examples, test on the whole split). The rows the
-targets read (and head only, the baseline) run first, seed by seed, then the others, so that a
-run stopped part way has the targets' figures first; finished runs are kept in results/raw/mpnet-runs.jsonl and an interrupted run resumes. On 2 CPU
-cores a step of full fine-tuning takes about 11 s on one thread (LoRA 7 s, the head alone 3 s).
-Beside them, S3PET at 0.01% and 0.1% over the search benchmark's default space and fidelity
+Rotten Tomatoes (prompt tuning also at 3e-2, `AT_RATE`: its recipe's 0.3 fails here), trained and
+evaluated as the zoo trains them (batch 16, AdamW, linear decay, `bench.zoo.train_method`;
+validation on 256 examples, test on the whole split). The rows the targets read (and head only,
+the baseline) run first, seed by seed, then the others, so that a run stopped part way has the
+targets' figures first; finished runs are kept in results/raw/mpnet-runs.jsonl and an
+interrupted run resumes. On 2 CPU cores a step of full fine-tuning takes about 11 s on one
+thread (LoRA 7 s, the head alone 3 s). Beside them, S3PET at 0.01% and 0.1% over the search benchmark's default space and fidelity
 (`bench.search`: a supernet of 5 x 20 steps, its structure retrained for 100 steps), against the
 best hand-made design that fits each budget (picked on seed 0's validation) and full fine-tuning,
 3 seeds each (a row that no target reads runs at seed 0 only). And LST's and LoRA's training
