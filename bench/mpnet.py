@@ -9,8 +9,9 @@ validation on 256 examples, test on the whole split). The rows the targets read 
 the baseline) run first, seed by seed, then the others, so that a run stopped part way has the
 targets' figures first; finished runs are kept in results/raw/mpnet-runs.jsonl and an
 interrupted run resumes. On 2 CPU cores a step of full fine-tuning takes about 11 s on one
-thread (LoRA 7 s, the head alone 3 s). Beside them, S3PET at 0.01% and 0.1% over the search benchmark's default space and fidelity
-(`bench.search`: a supernet of 5 x 20 steps, its structure retrained for 100 steps), against the
+thread (LoRA 7 s, the head alone 3 s). Beside them, S3PET at 0.01% and 0.1% over the search
+benchmark's default space and fidelity (`bench.search`: a supernet of 5 x 20 steps, its structure
+retrained for 100 steps), against the
 best hand-made design that fits each budget (picked on seed 0's validation) and full fine-tuning,
 3 seeds each (a row that no target reads runs at seed 0 only). And LST's and LoRA's training
 memory at batch 16 x 128 tokens against full fine-tuning's (petlsearch.searchspace.measure.measure,
@@ -39,9 +40,9 @@ MEMORY_SHAPE = (16, 128)  # the LST paper's Table 1 setting
 PLUGINS = ("lora", "adapter", "bitfit", "ia3", "lst", "prompt_tuning", "vqt")
 SIZE_MATCHED = {"lst": "lora", "vqt": "lora q,v r1"}  # as the zoo: LST at LoRA's default size, VQT at rank 1 q,v
 TARGET_ROWS = (FULL, HEAD_ONLY, "lora", "lst", "lora q,v r1", "vqt")  # what the targets and the baseline read
-# a row at another rate than its plugin's recipe (the run's --lr): prompt tuning's 0.3 (Lester et al.'s,
-# with Adafactor) leaves MPNet at the minority class in 100 steps
-AT_RATE = {"prompt_tuning at 3e-2": ("prompt_tuning", 3e-2)}
+# label ("<plugin> at <rate>") -> the one rate its modules train at instead of the plugin's recipe (the
+# run's --lr): prompt tuning's 0.3 (Lester et al.'s, with Adafactor) leaves MPNet at the minority class
+AT_RATE = {"prompt_tuning at 3e-2": 3e-2}
 BUDGETS = ("0.01%", "0.1%")
 FULL_SHARE = {"0.01%": 97.0, "0.1%": 99.0}  # S3PET's test accuracy, % of full fine-tuning's (issue 21)
 
@@ -79,7 +80,8 @@ def method_table(quick: bool, skip: dict[str, str] | None = None) -> dict[str, C
             out[name] = lambda m, t, name=name: M.apply_plugin(m, name, batches=t.batches("train", 32, seed=0))
     if not quick:
         out["lora q,v r1"] = lambda m, t: M.apply_plugin(m, "lora", roles=("attn.q", "attn.v"), config={"rank": 1})
-        for label, (name, _) in AT_RATE.items():
+        for label in AT_RATE:
+            name = label.split()[0]
             out[label] = lambda m, t, name=name: M.apply_plugin(m, name)
     return out
 
@@ -149,7 +151,7 @@ def zoo_work(task: Any, methods: dict[str, Any], steps: int, labels: list[str],
     for seed in seeds:
         for label in labels:
             cfg = TrainConfig(steps=steps, batch_size=16, seed=seed, device="cpu", max_eval_examples=EVAL_EXAMPLES,
-                              lr=AT_RATE.get(label, (None, None))[1])
+                              lr=AT_RATE.get(label))
             key = RunLog.key(method=label, task=task.name, model=task.model_name, recipe=recipe_of(label),
                              **cfg.to_dict())
             out.append((label, key, functools.partial(train_method, task, methods[label], cfg, with_memory=False)))

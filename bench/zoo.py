@@ -151,11 +151,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]], backbone: int, task: Any, s
         accs = [r["test"] for r in rs]
         step = statistics.median(r["step_s"] for r in rs)
         memory = rs[0]["memory"]
+        memory_cells = [mib(memory or 0), memory / full["memory"] if full.get("memory") else float("nan")]
         table.add(label, len(rs), rs[0]["trainable"], 100 * rs[0]["trainable"] / backbone, statistics.fmean(accs),
                   std(accs), statistics.fmean(r["val"] for r in rs),
-                  step / full["step_s"] if full.get("step_s") else float("nan"),
-                  *([mib(memory or 0), memory / full["memory"] if full.get("memory") else float("nan")]
-                    if with_memory else []))
+                  step / full["step_s"] if full.get("step_s") else float("nan"), *(memory_cells if with_memory else []))
     return table
 
 
